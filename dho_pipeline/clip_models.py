@@ -1,0 +1,290 @@
+"""Loading open_clip models (teachers and students) by name, config file or local weights, offline-safe.
+
+- `model`: an open_clip model name (`ViT-H-14-378-quickgelu`), the path of an open_clip model-config
+  JSON file (registered under its file stem), or `local-dir:`/`hf-hub:` as open_clip understands them.
+  The tiny configs in `dho_pipeline/model_configs/` are always registered.
+- `pretrained`: an open_clip tag (`dfn5b`, `openai`), a local weights file, or `none` (random init,
+  seeded, for tests).
+
+Weights for a tag are taken from the local Hugging Face cache when present. When they are not and
+the hub cannot be reached, loading fails at once with a one-line error that says how to supply a local
+file, instead of retrying for minutes.
+
+Preprocessing follows the weights' own (DFN5B: squash-resize to 378, bicubic, OpenAI mean/std), also
+when the weights come from a local file: then it is taken from the model's known tags when they all
+agree. `resize` overrides the resize mode.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import UserError
+from .hashing import fingerprint_file
+
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
+RESIZE_MODES = ("squash", "shortest")
+_NETWORK_PROBE_SECONDS = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """How a model wants its images: the input size and how an image is brought to it."""
+
+    image_size: tuple[int, int]  # (height, width)
+    resize_mode: str  # "squash" or "shortest" (resize shortest side, then centre-crop)
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_json(self) -> dict:
+        return {
+            "image_size": list(self.image_size),
+            "resize_mode": self.resize_mode,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+@dataclass
+class LoadedClip:
+    model: torch.nn.Module  # open_clip CLIP (both towers)
+    tokenizer: object
+    name: str  # the registered model name
+    pretrained: str  # as given
+    weights_fingerprint: str
+    preprocess: Preprocess
+
+    def describe(self) -> dict:
+        return {"model": self.name, "pretrained": self.pretrained, "weights_fingerprint": self.weights_fingerprint}
+
+
+_shipped_configs_registered = False
+
+
+def _open_clip():
+    """open_clip, imported on first use (it is slow to import) with our tiny configs registered."""
+    global _shipped_configs_registered
+    import open_clip
+
+    if not _shipped_configs_registered:
+        open_clip.add_model_config(SHIPPED_CONFIG_DIR)
+        _shipped_configs_registered = True
+    return open_clip
+
+
+def resolve_model_name(model: str) -> str:
+    """Register a config file if given one; check that a plain name is known to open_clip."""
+    open_clip = _open_clip()
+    if model.startswith(("local-dir:", "hf-hub:")):
+        return model
+    if model.endswith(".json") or os.path.sep in model:
+        path = Path(model)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"model config {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"model config {path} is not a readable JSON file ({error})") from None
+        if not isinstance(config, dict) or not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise UserError(f"model config {path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown open_clip model {model!r}{hint}; give a model name or a model-config JSON file")
+    return model
+
+
+def _preprocess_overrides(name: str, pretrained: str, resize: str | None) -> dict:
+    """Preprocessing of the weights: the tag's own; for a local file or random init, what all the
+    model's known tags agree on (DFN5B's ViT-H-14-378 has one tag: squash); else open_clip's default."""
+    open_clip = _open_clip()
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained != "none" else {}
+    if not tag_cfg:  # a local file, or random init: what the model's known weights all use
+        tags = [open_clip.get_pretrained_cfg(name, tag) for tag in open_clip.list_pretrained_tags_by_model(name)]
+        agreed = [{k: cfg.get(k) for k in keys} for cfg in tags]
+        if agreed and all(a == agreed[0] for a in agreed):
+            tag_cfg = agreed[0]
+    overrides = {k: tag_cfg[k] for k in keys if tag_cfg.get(k) is not None}
+    if resize is not None:
+        if resize not in RESIZE_MODES:
+            raise UserError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+        overrides["resize_mode"] = resize
+    return overrides
+
+
+def _hub_reachable(urls: list[str]) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    for url in urls:
+        host = urlparse(url).hostname
+        if not host:
+            continue
+        try:
+            socket.create_connection((host, 443), timeout=_NETWORK_PROBE_SECONDS).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _cached_tag_file(cfg: dict) -> str | None:
+    """The tag's weights file if it is already in the local Hugging Face cache."""
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    # open_clip's convention: "org/repo/" means the repo's default open_clip weights file.
+    model_id, filename = os.path.split(hub)
+    candidates = [filename] if filename else [
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.safetensors",
+        "open_clip_pytorch_model.bin",
+    ]
+    for candidate in candidates:
+        found = try_to_load_from_cache(model_id, candidate)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def resolve_weights(name: str, pretrained: str) -> str | None:
+    """A local weights file for (model, pretrained), downloading only when the hub is reachable."""
+    open_clip = _open_clip()
+    if pretrained == "none":
+        return None
+    if os.path.isfile(pretrained):
+        return pretrained
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"known tags: {', '.join(tags)}" if tags else "it has no known tags"
+        raise UserError(
+            f"--pretrained {pretrained!r} is neither a file nor a tag of {name} ({known}); "
+            "pass a weights file, a tag, or 'none'"
+        )
+    cached = _cached_tag_file(cfg)
+    if cached:
+        return cached
+    source = cfg.get("hf_hub") or cfg.get("url")
+    how = (
+        f"download them where there is network (e.g. `huggingface-cli download {cfg['hf_hub'].rstrip('/')}`) "
+        "and pass --pretrained /path/to/open_clip_pytorch_model.bin"
+        if cfg.get("hf_hub")
+        else f"download {cfg.get('url')} and pass --pretrained /path/to/the/file"
+    )
+    if not _hub_reachable(["https://huggingface.co", cfg.get("url", "")]):
+        raise UserError(f"weights for {name}/{pretrained} ({source}) are not cached here and the hub cannot be reached: {how}")
+    try:
+        return open_clip.download_pretrained(cfg)
+    except Exception as error:  # network and hub errors come in many types
+        raise UserError(f"downloading weights for {name}/{pretrained} failed ({error}): {how}") from None
+
+
+@contextmanager
+def _quiet_open_clip_logging():
+    """open_clip logs routine facts (random init, config found) as root-logger warnings."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def load_clip(
+    model: str,
+    pretrained: str,
+    *,
+    resize: str | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> LoadedClip:
+    """Build an open_clip model on the CPU in fp32 with its weights and preprocessing."""
+    open_clip = _open_clip()
+    name = resolve_model_name(model)
+    weights = None if name.startswith(("local-dir:", "hf-hub:")) else resolve_weights(name, pretrained)
+    overrides = _preprocess_overrides(name, pretrained, resize)
+    # Random init must be identical in every process (ranks of one run, and reruns).
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip_logging():
+        torch.manual_seed(seed)
+        try:
+            clip = open_clip.create_model(
+                name,
+                pretrained=weights,
+                force_preprocess_cfg=overrides,
+                force_image_size=image_size,
+            )
+        except UserError:
+            raise
+        except Exception as error:
+            raise UserError(f"cannot build {name} with weights {weights or 'none'} ({error})") from None
+    tokenizer = open_clip.get_tokenizer(name)
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    preprocess = Preprocess(
+        image_size=size,
+        resize_mode=cfg["resize_mode"],
+        interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
+    if preprocess.resize_mode not in RESIZE_MODES:
+        raise UserError(f"{name}: resize mode {preprocess.resize_mode!r} is not supported; pass --resize squash|shortest")
+    fingerprint = fingerprint_file(weights) if weights else f"random-init:seed={seed}"
+    clip.eval()
+    return LoadedClip(
+        model=clip,
+        tokenizer=tokenizer,
+        name=name,
+        pretrained=pretrained,
+        weights_fingerprint=fingerprint,
+        preprocess=preprocess,
+    )
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    loaded: LoadedClip,
+    classnames: list[str],
+    templates: list[str],
+    *,
+    normalize: bool,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Template-averaged class text embeddings, [num_classes, dim], float32.
+
+    normalize=True is the zero-shot classifier (each template's embedding normalised, averaged, and
+    renormalised, as open_clip builds it); normalize=False is the plain template mean of the raw
+    embeddings, which DHO uses to initialise the student's heads.
+    """
+    from .textlists import fill_template
+
+    model = loaded.model.to(device)
+    texts = [fill_template(t, c) for c in classnames for t in templates]
+    embeddings = []
+    for start in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(texts[start : start + batch_size]).to(device)
+        embeddings.append(model.encode_text(tokens).float())
+    per_text = torch.cat(embeddings).view(len(classnames), len(templates), -1)
+    if normalize:
+        per_text = torch.nn.functional.normalize(per_text, dim=-1)
+        return torch.nn.functional.normalize(per_text.mean(dim=1), dim=-1).cpu()
+    return per_text.mean(dim=1).cpu()

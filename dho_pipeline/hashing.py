@@ -1,0 +1,49 @@
+"""Content fingerprints: short, stable hex digests of files, byte streams and JSON-able values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, BinaryIO
+
+_READ_BLOCK = 1 << 20
+
+
+def fingerprint_json(value: Any) -> str:
+    """sha256 of the canonical JSON text of `value` (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(_READ_BLOCK):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+class HashingReader:
+    """A read-only file wrapper that hashes every byte read through it.
+
+    Lets one pass over a tar file both parse it and fingerprint it; `finish()` reads whatever the
+    parser left unread (tar end padding) so the digest always covers the whole file.
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._digest = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._digest.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def finish(self) -> str:
+        while block := self.read(_READ_BLOCK):
+            pass
+        return "sha256:" + self._digest.hexdigest()

@@ -1,0 +1,239 @@
+"""Dataset manifests: which shards make the data set, and what each holds.
+
+A manifest is a JSON file written by `dho-pipeline manifest`. Every later stage reads it, and the
+teacher cache and the label splits record its fingerprint, so a run can tell when it is pointed at
+data other than the data its cache was built from.
+
+Format (version 1), one object:
+
+    {"format": "dho-pipeline-manifest", "version": 1,
+     "fingerprint": "sha256:...",          # of everything below except the paths
+     "num_shards": S, "num_samples": N,
+     "shards": [{"name": "shard-000000.tar",  # basename, unique within the manifest
+                 "path": "shards/shard-000000.tar",  # relative to the manifest's folder, or absolute
+                 "num_samples": n, "size": bytes, "fingerprint": "sha256:...",
+                 "keys": [...],                 # in tar order
+                 "labels": [...] or null,       # int class index per sample (null where absent)
+                 "image_ext": "jpeg" or [...],  # one extension, or one per sample when mixed
+                 "image_offsets": [...], "image_sizes": [...]},  # where each image's bytes lie
+                ...]}
+
+Paths are left out of the fingerprint so that moving the shards (and editing their paths) keeps
+caches and splits valid; anything else edited by hand makes the manifest refuse to load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .hashing import fingerprint_json
+from .shards import ShardScan
+
+FORMAT = "dho-pipeline-manifest"
+VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardEntry:
+    """One shard of a manifest. Per-sample lists are in tar order."""
+
+    name: str
+    path: Path  # resolved: absolute, or relative to the working directory
+    num_samples: int
+    size: int
+    fingerprint: str
+    keys: list[str]
+    labels: list[int | None] | None
+    image_ext: str | list[str]
+    image_offsets: list[int]
+    image_sizes: list[int]
+
+    def content(self) -> dict:
+        """Everything that identifies the shard's content (not where it lies)."""
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "size": self.size,
+            "fingerprint": self.fingerprint,
+            "keys": self.keys,
+            "labels": self.labels,
+            "image_ext": self.image_ext,
+            "image_offsets": self.image_offsets,
+            "image_sizes": self.image_sizes,
+        }
+
+    def image_ext_of(self, position: int) -> str:
+        return self.image_ext if isinstance(self.image_ext, str) else self.image_ext[position]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    shards: list[ShardEntry]
+    fingerprint: str
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.num_samples for shard in self.shards)
+
+    def check_files(self) -> None:
+        """Every shard exists with the size it had when scanned. Cheap: one stat per shard."""
+        for shard in self.shards:
+            try:
+                size = os.path.getsize(shard.path)
+            except OSError:
+                raise UserError(
+                    f"shard {shard.name} is missing: {shard.path} does not exist "
+                    "(restore it, or rebuild the manifest without it)"
+                ) from None
+            if size != shard.size:
+                raise UserError(
+                    f"shard {shard.name} changed since the manifest was built ({shard.path} has "
+                    f"{size} bytes, the manifest says {shard.size}); rebuild the manifest"
+                )
+
+    def check_labels(self, num_classes: int, *, required: bool = False) -> None:
+        """Labels lie in [0, num_classes); with `required`, every sample has one."""
+        for shard in self.shards:
+            labels = shard.labels or [None] * shard.num_samples
+            for key, label in zip(shard.keys, labels):
+                if label is None:
+                    if required:
+                        raise UserError(
+                            f"shard {shard.name}, key {key!r} has no label (.cls or .json 'label'); "
+                            "labels are needed here"
+                        )
+                elif not 0 <= label < num_classes:
+                    raise UserError(
+                        f"shard {shard.name}, key {key!r}: label {label} is outside the class list "
+                        f"(0..{num_classes - 1}); check the class-names file or the shard's labels"
+                    )
+
+
+def entry_from_scan(path: Path, scan: ShardScan) -> ShardEntry:
+    has_labels = any(label is not None for label in scan.labels)
+    exts = set(scan.image_exts)
+    return ShardEntry(
+        name=path.name,
+        path=path,
+        num_samples=len(scan.keys),
+        size=scan.size,
+        fingerprint=scan.fingerprint,
+        keys=scan.keys,
+        labels=scan.labels if has_labels else None,
+        image_ext=scan.image_exts[0] if len(exts) == 1 else scan.image_exts,
+        image_offsets=scan.image_offsets,
+        image_sizes=scan.image_sizes,
+    )
+
+
+def build_manifest(entries: list[ShardEntry]) -> Manifest:
+    names: dict[str, Path] = {}
+    for entry in entries:
+        if entry.name in names:
+            raise UserError(
+                f"two shards share the file name {entry.name} ({names[entry.name]} and {entry.path}); "
+                "shard names must be unique within a manifest"
+            )
+        names[entry.name] = entry.path
+    return Manifest(shards=entries, fingerprint=_fingerprint(entries))
+
+
+def _fingerprint(entries: list[ShardEntry]) -> str:
+    return fingerprint_json([entry.content() for entry in entries])
+
+
+def _stored_path(shard_path: Path, manifest_dir: Path) -> str:
+    absolute = shard_path.resolve()
+    try:
+        return str(absolute.relative_to(manifest_dir.resolve()))
+    except ValueError:
+        return str(absolute)
+
+
+def save_manifest(manifest: Manifest, path: Path) -> None:
+    """Write atomically; one shard per line so that the file diffs and greps well."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": manifest.fingerprint,
+        "num_shards": len(manifest.shards),
+        "num_samples": manifest.num_samples,
+    }
+    lines = [
+        json.dumps({"path": _stored_path(entry.path, path.parent), **entry.content()}, ensure_ascii=False)
+        for entry in manifest.shards
+    ]
+    text = json.dumps(header, indent=1)[:-2] + ',\n "shards": [\n' + ",\n".join(lines) + "\n]}\n"
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and check a manifest; any fault is a one-line UserError naming the file."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"manifest {path} does not exist; create it with `dho-pipeline manifest`") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"manifest {path} is not valid JSON ({error}); rebuild it with `dho-pipeline manifest`") from None
+    except OSError as error:
+        raise UserError(f"manifest {path} cannot be read ({error.strerror})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise UserError(f"{path} is not a dho-pipeline manifest; create one with `dho-pipeline manifest`")
+    if document.get("version") != VERSION:
+        raise UserError(f"manifest {path} has version {document.get('version')!r}; this tool reads version {VERSION}")
+    shards = document.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise UserError(f"manifest {path} lists no shards")
+    entries = [_parse_entry(path, index, raw) for index, raw in enumerate(shards)]
+    manifest = build_manifest(entries)
+    if manifest.fingerprint != document.get("fingerprint"):
+        raise UserError(
+            f"manifest {path} was edited after it was built (its content no longer matches its "
+            "fingerprint); rebuild it with `dho-pipeline manifest` (only paths may be edited)"
+        )
+    return manifest
+
+
+def _parse_entry(path: Path, index: int, raw: object) -> ShardEntry:
+    where = f"manifest {path}, shard #{index}"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} is not an object")
+    try:
+        name, count = raw["name"], raw["num_samples"]
+        entry = ShardEntry(
+            name=name,
+            path=_resolve(path.parent, raw["path"]),
+            num_samples=count,
+            size=raw["size"],
+            fingerprint=raw["fingerprint"],
+            keys=raw["keys"],
+            labels=raw["labels"],
+            image_ext=raw["image_ext"],
+            image_offsets=raw["image_offsets"],
+            image_sizes=raw["image_sizes"],
+        )
+    except KeyError as error:
+        raise UserError(f"{where} lacks the field {error}; rebuild the manifest") from None
+    except TypeError as error:
+        raise UserError(f"{where} is malformed ({error}); rebuild the manifest") from None
+    per_sample = [entry.keys, entry.image_offsets, entry.image_sizes]
+    per_sample += [entry.labels] if entry.labels is not None else []
+    per_sample += [entry.image_ext] if isinstance(entry.image_ext, list) else []
+    if not isinstance(count, int) or any(not isinstance(v, list) or len(v) != count for v in per_sample):
+        raise UserError(f"{where} ({name}): per-sample lists do not all have num_samples={count} entries")
+    return entry
+
+
+def _resolve(manifest_dir: Path, stored: object) -> Path:
+    if not isinstance(stored, str) or not stored:
+        raise TypeError("'path' must be a non-empty string")
+    stored_path = Path(stored)
+    return stored_path if stored_path.is_absolute() else manifest_dir / stored_path

@@ -1,0 +1,167 @@
+"""WebDataset tar shards: expanding shard lists, scanning a shard without decoding, reading samples.
+
+A sample is the group of tar members that share a key, exactly as WebDataset groups them: the key is
+the member path up to the first dot of its basename, the extension (lower-cased) names the field.
+`scan_shard` reads a shard once, start to end, and records what the manifest needs (keys, labels,
+where each image's bytes lie) while fingerprinting the file in the same pass.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from .errors import UserError
+from .hashing import HashingReader
+
+# Image member extensions, in the order we prefer them when a sample has more than one.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# WebDataset skips members named like __meta__; so do we, so that our keys match its keys.
+_WDS_META = re.compile(r"__[^/]*__($|/)")
+
+
+def expand_shard_patterns(patterns: list[str]) -> list[Path]:
+    """Expand brace patterns (`data/shard-{000..099}.tar`) and globs into a list of paths, in order.
+
+    A pattern that matches nothing is an error, so a typo never silently drops data.
+    """
+    paths: list[Path] = []
+    for pattern in patterns:
+        for expanded in braceexpand(pattern):
+            if glob.has_magic(expanded):
+                matches = sorted(glob.glob(expanded))
+                if not matches:
+                    raise UserError(f"no shard matches {expanded!r}: check the pattern")
+                paths.extend(Path(m) for m in matches)
+            else:
+                paths.append(Path(expanded))
+    return paths
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardScan:
+    """What one pass over a shard found. Lists are in tar order, one entry per sample."""
+
+    size: int
+    fingerprint: str
+    keys: list[str]
+    labels: list[int | None]
+    image_exts: list[str]
+    image_offsets: list[int]  # byte offset of the image member's data inside the tar
+    image_sizes: list[int]  # byte length of the image member
+
+
+def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int:
+    try:
+        if ext == "cls":
+            return int(data.decode("utf-8").strip())
+        value = json.loads(data.decode("utf-8"))
+        label = value["label"] if isinstance(value, dict) else None
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError("no integer 'label' field")
+        return label
+    except (ValueError, KeyError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"shard {shard}, key {key!r}: cannot read a label from its .{ext} member ({error}); "
+            "expected an integer class index"
+        ) from None
+
+
+def scan_shard(path: Path) -> ShardScan:
+    """Read a shard once: keys, labels, image locations, and the file's sha256. No image decoding."""
+    name = str(path)
+    keys: list[str] = []
+    labels: list[int | None] = []
+    exts: list[str] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    seen: set[str] = set()
+    current: dict | None = None
+
+    def close_sample(sample: dict | None) -> None:
+        if sample is None:
+            return
+        key = sample["key"]
+        if key in seen:
+            raise UserError(f"shard {name}: key {key!r} occurs twice; keys must be unique within a shard")
+        seen.add(key)
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample["members"]), None)
+        if image_ext is None:
+            found = ", ".join(sorted(sample["members"])) or "nothing"
+            raise UserError(
+                f"shard {name}, key {key!r}: no image member (found {found}; "
+                f"expected one of {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        offset, size = sample["members"][image_ext]
+        keys.append(key)
+        labels.append(sample["label"])
+        exts.append(image_ext)
+        offsets.append(offset)
+        sizes.append(size)
+
+    try:
+        with open(path, "rb") as raw:
+            reader = HashingReader(raw)
+            with tarfile.open(fileobj=reader, mode="r|*") as archive:
+                for member in archive:
+                    if not member.isreg() or _WDS_META.match(member.name):
+                        continue
+                    key, ext = base_plus_ext(member.name)
+                    if key is None:
+                        continue
+                    ext = ext.lower()
+                    if current is None or current["key"] != key:
+                        close_sample(current)
+                        current = {"key": key, "members": {}, "label": None}
+                    if ext in current["members"]:
+                        raise UserError(f"shard {name}, key {key!r}: member .{ext} occurs twice")
+                    current["members"][ext] = (member.offset_data, member.size)
+                    if ext in ("cls", "json") and current["label"] is None:
+                        data = archive.extractfile(member).read()
+                        if ext == "cls" or b'"label"' in data:
+                            current["label"] = _parse_label(name, key, ext, data)
+                close_sample(current)
+            fingerprint = reader.finish()
+    except FileNotFoundError:
+        raise UserError(f"shard {name} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"shard {name} is a directory, not a tar file") from None
+    except (tarfile.TarError, EOFError) as error:
+        raise UserError(
+            f"shard {name} is truncated or not a valid tar file ({error}); re-copy or rebuild it"
+        ) from None
+    if not keys:
+        raise UserError(f"shard {name} holds no samples; remove it from the shard list")
+    return ShardScan(
+        size=os.path.getsize(path),
+        fingerprint=fingerprint,
+        keys=keys,
+        labels=labels,
+        image_exts=exts,
+        image_offsets=offsets,
+        image_sizes=sizes,
+    )
+
+
+def iter_shard_samples(path: Path) -> Iterator[dict]:
+    """Yield a shard's samples as WebDataset does (`__key__` plus one bytes field per extension).
+
+    Tar errors propagate (a truncated shard raises); callers decide how to report them.
+    """
+    with open(path, "rb") as stream:
+        files = tar_file_expander([{"url": str(path), "stream": stream}], eof_value=None)
+        yield from group_by_keys(files)
+
+
+def image_field(sample: dict) -> str | None:
+    """The field holding a sample's image, by the same preference the manifest uses."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)

@@ -1,0 +1,44 @@
+"""The zero-shot CLIP teacher and the compact summary of its logits that the cache stores.
+
+Teacher logits are `100 * cos(image embedding, class embedding)` over template-averaged class
+embeddings, as in the DHO paper (a fixed 100, not the model's learned logit scale).
+
+Per view the cache keeps the top-k logits and the exact log-partition function
+`log sum_c exp(z_c / T)` of the *full* logit vector at each temperature T it was asked for. From those,
+the teacher's top-k probabilities at T are exact, `exp(z_i / T - logZ_T)`, and so is the mass outside
+the top-k, `1 - sum_i exp(z_i / T - logZ_T)`: nothing is renormalised onto the top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_SCALE = 100.0
+
+
+class ZeroShotTeacher(torch.nn.Module):
+    """A CLIP image tower plus a fixed zero-shot classifier; images in, class logits out."""
+
+    def __init__(self, visual: torch.nn.Module, class_embeddings: torch.Tensor, logit_scale: float = LOGIT_SCALE):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        self.logit_scale = logit_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.visual(images)
+        # The classifier runs in fp32 whatever the tower ran in: logits and log-partitions are
+        # stored as exact as the embeddings allow.
+        features = F.normalize(features.float(), dim=-1)
+        return self.logit_scale * features @ self.class_embeddings.T
+
+
+def summarize_logits(logits: torch.Tensor, k: int, temperatures: list[float]):
+    """Top-k (sorted, descending) and per-temperature log-partitions of a [B, C] fp32 logit batch.
+
+    Returns (indices [B, k] int64, values [B, k] fp32, log_partition [B, len(temperatures)] fp32).
+    """
+    values, indices = logits.topk(k, dim=-1, sorted=True)
+    log_partition = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
+    return indices, values, log_partition

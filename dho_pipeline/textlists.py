@@ -1,0 +1,58 @@
+"""Class-name and prompt-template files: plain UTF-8 text, one entry per line.
+
+Blank lines and lines starting with `#` are ignored. A template holds exactly one `{}`, where the class
+name goes (`a photo of the large {}.`). Class names may repeat (CLIP's ImageNet names do: "sunglasses").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+# Guard against pointing a flag at the wrong file (an image, a tar shard).
+_MAX_BYTES = 16 << 20
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_BYTES:
+            raise UserError(f"{what} file {path} is larger than {_MAX_BYTES >> 20} MB; is it the right file?")
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} file {path} is a directory") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"{what} file {path} cannot be read ({error.strerror})") from None
+    lines = [line.strip() for line in text.splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    for number, line in enumerate(entries, start=1):
+        if any(ord(ch) < 32 for ch in line):
+            raise UserError(f"{what} file {path}: entry {number} contains a control character")
+    if not entries:
+        raise UserError(f"{what} file {path} has no entries (one per line expected)")
+    return entries
+
+
+def read_classnames(path: str | Path) -> list[str]:
+    return read_lines(path, "class-names")
+
+
+def read_templates(path: str | Path) -> list[str]:
+    templates = read_lines(path, "templates")
+    for number, template in enumerate(templates, start=1):
+        if template.count("{}") != 1:
+            raise UserError(
+                f"templates file {path}: entry {number} ({template!r}) must contain exactly one '{{}}' "
+                "where the class name goes"
+            )
+    return templates
+
+
+def fill_template(template: str, classname: str) -> str:
+    """`str.format` would choke on other braces in a template; replace the one slot instead."""
+    return template.replace("{}", classname)

@@ -1,0 +1,145 @@
+"""Augmented views: which part of an image a view shows, and how a view becomes model input.
+
+A view is a box `[x0, y0, x1, y1]` in fractions of the original image's width (x) and height (y),
+plus a horizontal-flip bit. Boxes are stored as uint16 (fraction * 65535), and every view is rendered
+from the *stored* box, so the teacher (stage one) and the student (stage two) crop exactly the same
+region: crop the box, resize the crop to the model's input size (bicubic, antialiased, no further
+cropping), then mirror it if the flip bit is set. Normalisation happens on the device.
+
+View 0 is the teacher's evaluation view: the whole image for teachers that squash-resize (DFN5B),
+the centred square for teachers that resize the shortest side and centre-crop (OpenAI CLIP).
+Views 1..V-1 are RandomResizedCrop boxes (scale and aspect ratio as torchvision draws them, computed
+in continuous coordinates) with a flip at p = 0.5, drawn from a generator seeded by
+(seed, shard name, key, view index): the same sample always gets the same views, whichever process,
+worker or run draws them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+BOX_SCALE = 65535  # stored box value = round(fraction * BOX_SCALE), as uint16
+VIEW0_WHOLE = "whole"
+VIEW0_CENTER_SQUARE = "center-square"
+RESIZE_TO_VIEW0 = {"squash": VIEW0_WHOLE, "shortest": VIEW0_CENTER_SQUARE}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewPolicy:
+    """How views are drawn. Stored in the cache so that a reader knows what it holds."""
+
+    num_views: int  # views per image, view 0 included
+    seed: int
+    view0: str  # VIEW0_WHOLE or VIEW0_CENTER_SQUARE
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area fraction of RandomResizedCrop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio (w/h, in pixels)
+    flip_probability: float = 0.5
+
+    def __post_init__(self):
+        if self.num_views < 1:
+            raise ValueError("num_views must be at least 1")
+        if self.view0 not in (VIEW0_WHOLE, VIEW0_CENTER_SQUARE):
+            raise ValueError(f"view0 must be {VIEW0_WHOLE!r} or {VIEW0_CENTER_SQUARE!r}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio)}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "ViewPolicy":
+        return cls(**{**value, "crop_scale": tuple(value["crop_scale"]), "crop_ratio": tuple(value["crop_ratio"])})
+
+
+def _stable_words(text: str) -> list[int]:
+    """Two 32-bit words from a string, identical in every process (unlike Python's hash())."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return [int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")]
+
+
+def view_generator(seed: int, shard_name: str, key: str, view: int) -> np.random.Generator:
+    entropy = [seed & 0xFFFFFFFF, *_stable_words(shard_name), *_stable_words(key), view]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def _random_resized_crop(rng: np.random.Generator, width: int, height: int, policy: ViewPolicy):
+    """torchvision's RandomResizedCrop.get_params, in continuous pixel coordinates.
+
+    Returns (x0, y0, x1, y1) in pixels.
+    """
+    area = width * height
+    log_ratio = (math.log(policy.crop_ratio[0]), math.log(policy.crop_ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*policy.crop_scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = math.sqrt(target_area * aspect)
+        h = math.sqrt(target_area / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            x0 = rng.uniform(0, width - w)
+            y0 = rng.uniform(0, height - h)
+            return x0, y0, x0 + w, y0 + h
+    # Fallback (as torchvision): the largest centred box whose ratio lies in crop_ratio.
+    ratio = width / height
+    if ratio < policy.crop_ratio[0]:
+        w, h = width, width / policy.crop_ratio[0]
+    elif ratio > policy.crop_ratio[1]:
+        w, h = height * policy.crop_ratio[1], height
+    else:
+        w, h = width, height
+    x0, y0 = (width - w) / 2, (height - h) / 2
+    return x0, y0, x0 + w, y0 + h
+
+
+def _view0_box(width: int, height: int, view0: str):
+    if view0 == VIEW0_WHOLE or width == height:
+        return 0.0, 0.0, float(width), float(height)
+    side = min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def quantize_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> np.ndarray:
+    fractions = np.array([x0 / width, y0 / height, x1 / width, y1 / height])
+    return np.round(np.clip(fractions, 0.0, 1.0) * BOX_SCALE).astype(np.uint16)
+
+
+def draw_views(policy: ViewPolicy, shard_name: str, key: str, width: int, height: int):
+    """All views of one image: boxes (uint16 [V, 4]) and flips (bool [V])."""
+    boxes = np.empty((policy.num_views, 4), dtype=np.uint16)
+    flips = np.zeros(policy.num_views, dtype=bool)
+    boxes[0] = quantize_box(*_view0_box(width, height, policy.view0), width, height)
+    for view in range(1, policy.num_views):
+        rng = view_generator(policy.seed, shard_name, key, view)
+        boxes[view] = quantize_box(*_random_resized_crop(rng, width, height, policy), width, height)
+        flips[view] = rng.uniform() < policy.flip_probability
+    return boxes, flips
+
+
+def box_fractions(box: np.ndarray) -> list[float]:
+    return [float(v) / BOX_SCALE for v in box]
+
+
+def render_view(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int, int]) -> np.ndarray:
+    """Crop `box` (uint16 fractions) out of an RGB image, resize to `size` = (height, width), flip.
+
+    Returns uint8 [height, width, 3]. PIL resizes a fractional box directly (no rounding to whole
+    pixels) and antialiases when it shrinks.
+    """
+    width, height = image.size
+    x0, y0, x1, y1 = box_fractions(box)
+    pixel_box = (x0 * width, y0 * height, x1 * width, y1 * height)
+    view = image.resize((size[1], size[0]), Image.Resampling.BICUBIC, box=pixel_box)
+    if flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view, dtype=np.uint8)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes fully (so corruption surfaces here, not later) and convert to RGB."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.convert("RGB")

@@ -1,0 +1,274 @@
+"""Stage one: run the zero-shot teacher once over the data set, per view, and cache its logits in Zarr.
+
+    dho-pipeline cache-teacher --manifest M.json --out CACHE.zarr [--views 8] [--topk 100]
+    torchrun --nproc_per_node 8 --no-python dho-pipeline cache-teacher ...   # same cache, 8 GPUs
+
+The shard is the unit of work. Shard i goes to rank i mod world size; within a rank, DataLoader
+workers take whole shards, decode each image once and render all of its views. The main process runs
+the teacher and hands each finished shard to a writer thread, which writes the shard's Zarr group and
+then, last, its completion marker. Rerunning the same command skips complete shards and redoes the
+rest, so a killed run resumes where it stopped. Per-shard read, compute and write times go to
+`CACHE.zarr.timings.jsonl`; `CACHE.zarr.lock` keeps a second, independent run off the same cache.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dho_pipeline.errors import UserError
+
+from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, PRECISIONS, append_jsonl, log, on_main_then_share
+
+DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
+DEFAULT_PRETRAINED = "dfn5b"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    manifest: Path
+    out: Path
+    teacher: str = DEFAULT_TEACHER  # open_clip model name, or an open_clip model-config JSON file
+    pretrained: str = DEFAULT_PRETRAINED  # open_clip tag, local weights file, or "none" (random, for tests)
+    classnames: Path = IMAGENET_CLASSNAMES  # one class name per line, in label order
+    templates: Path = IMAGENET_TEMPLATES  # one prompt template per line, with {} for the class name
+    views: int = 1  # views per image; view 0 is the teacher's own evaluation view
+    topk: int | None = 100  # logits kept per view; None keeps all (a zero-shot teacher is flat at T=2)
+    temperatures: tuple[float, ...] = (1.0, 2.0)  # log-partitions stored exactly at these
+    seed: int = 0  # seeds the views (and a random-init teacher)
+    batch_size: int = 256  # views per teacher forward pass
+    workers: int = 4  # DataLoader processes decoding images, per rank
+    device: str | None = None  # default: this rank's GPU if there is one, else CPU
+    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
+    resize: str | None = None  # override the teacher's resize mode: squash | shortest
+    on_error: str = "fail"  # an undecodable image: "fail" (name it and stop) or "skip" (record as missing)
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for views 1..V-1
+
+    def __post_init__(self):
+        if self.views < 1:
+            raise UserError("--views must be at least 1")
+        if self.topk is not None and self.topk < 1:
+            raise UserError("--topk must be a positive number or 'all'")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise UserError("--temperatures must be positive numbers, e.g. 1,2")
+        if self.batch_size < 1 or self.workers < 0:
+            raise UserError("--batch-size must be positive and --workers non-negative")
+        if self.on_error not in ("fail", "skip"):
+            raise UserError("--on-error must be 'fail' or 'skip'")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError("crop_scale must satisfy 0 < low <= high <= 1")
+
+
+@dataclass
+class _ShardProgress:
+    """A shard being assembled in the main process from batches that arrive in any order."""
+
+    data: object  # ShardData
+    received: int = 0
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def run(config: Config) -> dict:
+    from dho_pipeline.cache_store import CacheSpec, ShardData, TeacherCache, exclusive_writer, index_dtype
+    from dho_pipeline.clip_models import class_text_embeddings, load_clip
+    from dho_pipeline.manifest import load_manifest
+    from dho_pipeline.teacher import LOGIT_SCALE, ZeroShotTeacher
+    from dho_pipeline.textlists import read_classnames, read_templates
+    from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
+
+    from .common import autocast, process_state, resolve_device, resolve_precision
+
+    # ---- inputs, all checked before the teacher is loaded ----------------------------------------
+    manifest = load_manifest(config.manifest)
+    manifest.check_files()
+    classnames = read_classnames(config.classnames)
+    templates = read_templates(config.templates)
+    manifest.check_labels(len(classnames))
+    k = len(classnames) if config.topk is None else config.topk
+    if k > len(classnames):
+        raise UserError(f"--topk {k} exceeds the {len(classnames)} classes; use --topk all to keep every logit")
+
+    state = process_state(config.device)
+    device = resolve_device(config.device, state.device)
+    precision = resolve_precision(config.precision, device)
+
+    with ExitStack() as held:
+        if state.is_main_process:
+            on_main_then_share(state, lambda: held.enter_context(exclusive_writer(config.out)))
+        else:
+            on_main_then_share(state, lambda: None)
+
+        # ---- teacher ----------------------------------------------------------------------------
+        started = time.perf_counter()
+        loaded = load_clip(config.teacher, config.pretrained, resize=config.resize, seed=config.seed)
+        class_embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
+        teacher = ZeroShotTeacher(loaded.model.visual, class_embeddings).to(device).eval()
+        preprocess = loaded.preprocess
+        del loaded.model  # the text tower is not needed any more
+        if state.is_main_process:
+            log.info("teacher %s ready on %s (%s) in %.1fs", config.teacher, device, precision, time.perf_counter() - started)
+
+        policy = ViewPolicy(
+            num_views=config.views,
+            seed=config.seed,
+            view0=RESIZE_TO_VIEW0[preprocess.resize_mode],
+            crop_scale=config.crop_scale,
+        )
+        spec = CacheSpec(
+            teacher=loaded.describe(),
+            classnames=classnames,
+            templates=templates,
+            preprocess=preprocess.to_json(),
+            views=policy.to_json(),
+            topk=k,
+            temperatures=[float(t) for t in config.temperatures],
+            logit_scale=LOGIT_SCALE,
+            manifest_fingerprint=manifest.fingerprint,
+            shards=[{"name": s.name, "num_samples": s.num_samples} for s in manifest.shards],
+        )
+
+        # ---- cache: rank 0 creates it (or checks that a resumed one matches), others follow ------
+        def create_or_resume() -> None:
+            TeacherCache.create_or_resume(config.out, spec)
+
+        on_main_then_share(state, create_or_resume)
+        cache = TeacherCache.open(config.out)
+        mine = [i for i in range(len(manifest.shards)) if i % state.num_processes == state.process_index]
+        todo = [i for i in mine if not cache.is_complete(i)]
+        if state.is_main_process:
+            log.info(
+                "%d of %d shards already complete; %d to do across %d process(es)",
+                len(manifest.shards) - len(cache.incomplete_shards()), len(manifest.shards),
+                len(cache.incomplete_shards()), state.num_processes,
+            )
+
+        _cache_shards(
+            config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess,
+            new_shard=lambda i: ShardData.empty(
+                manifest.shards[i].keys, config.views, k, len(config.temperatures), index_dtype(len(classnames))
+            ),
+            autocast=autocast,
+        )
+
+        # ---- summary, by rank 0 once every rank is done ------------------------------------------
+        state.wait_for_everyone()
+        summary = on_main_then_share(state, lambda: _summarize(cache))
+    return summary
+
+
+def _summarize(cache) -> dict:
+    incomplete = cache.incomplete_shards()
+    missing = sum((cache.shard_attrs(i) or {}).get("num_missing", 0) for i in range(len(cache.spec.shards)))
+    summary = {
+        "complete": not incomplete,
+        "num_shards": len(cache.spec.shards),
+        "incomplete_shards": [cache.spec.shards[i]["name"] for i in incomplete],
+        "num_samples": sum(s["num_samples"] for s in cache.spec.shards),
+        "num_missing": missing,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    cache.write_summary(summary)
+    return summary
+
+
+def _cache_shards(config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess, new_shard, autocast):
+    """The loop: batches of views in, teacher logits out, whole shards handed to the writer."""
+    import torch
+    from tqdm import tqdm
+
+    from dho_pipeline.teacher import summarize_logits
+    from dho_pipeline.view_batches import ShardTask, ViewBatches
+
+    if not todo:
+        return
+    tasks = [ShardTask(i, manifest.shards[i].name, str(manifest.shards[i].path), manifest.shards[i].keys) for i in todo]
+    images_per_batch = max(1, config.batch_size // config.views)
+    dataset = ViewBatches(tasks, policy, preprocess.image_size, images_per_batch, config.on_error == "skip")
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=min(config.workers, len(tasks)),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255
+    k, temperatures = cache.spec.topk, cache.spec.temperatures
+    timings_path = Path(str(config.out).rstrip("/") + ".timings.jsonl")
+
+    in_progress: dict[int, _ShardProgress] = {}
+    pending: list[Future] = []
+    total_images = sum(len(t.keys) for t in tasks)
+    bar = tqdm(
+        total=total_images, unit="img", desc=f"teacher (rank {state.process_index})" if state.num_processes > 1 else "teacher",
+        disable=not state.is_main_process, dynamic_ncols=True,
+    )
+
+    def write(index: int, progress: _ShardProgress) -> None:
+        started = time.perf_counter()
+        entry = manifest.shards[index]
+        try:
+            cache.write_shard(index, progress.data)
+        except OSError as error:
+            raise UserError(
+                f"writing shard {entry.name} to {config.out} failed ({error.strerror or error}); "
+                "fix that (e.g. free disk space) and rerun to resume"
+            ) from None
+        append_jsonl(timings_path, {
+            "rank": state.process_index, "shard": entry.name, "images": entry.num_samples,
+            "views": entry.num_samples * config.views, "missing": int(progress.data.missing.sum()),
+            "read_seconds": round(progress.read_seconds, 4), "compute_seconds": round(progress.compute_seconds, 4),
+            "write_seconds": round(time.perf_counter() - started, 4),
+            "wall_seconds": round(time.perf_counter() - progress.started, 4),
+        })
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as writer:
+        try:
+            for batch in loader:
+                if batch["error"]:
+                    raise UserError(batch["error"])
+                index = batch["shard"]
+                progress = in_progress.setdefault(index, _ShardProgress(new_shard(index)))
+                progress.read_seconds += batch["read_seconds"]
+                positions = batch["positions"].numpy()
+                missing = batch["missing"].numpy()
+                data = progress.data
+                data.boxes[positions] = batch["boxes"].numpy()
+                data.flips[positions] = batch["flips"].numpy()
+                data.missing[positions] = missing
+                for position, is_missing, reason in zip(positions, missing, batch["reasons"]):
+                    if is_missing:
+                        data.missing_reasons[data.keys[position]] = reason
+
+                valid = positions[~missing]
+                if len(valid):
+                    started = time.perf_counter()
+                    pixels = batch["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    pixels = (pixels - mean) / std
+                    with torch.inference_mode(), autocast(device, precision):
+                        logits = teacher(pixels)
+                    indices, values, log_partition = summarize_logits(logits, k, temperatures)
+                    shape = (len(valid), config.views, -1)
+                    data.topk_index[valid] = indices.view(shape).cpu().numpy()
+                    data.topk_logit[valid] = values.view(shape).cpu().numpy()
+                    data.log_partition[valid] = log_partition.view(shape).cpu().numpy()
+                    progress.compute_seconds += time.perf_counter() - started
+
+                progress.received += len(positions)
+                bar.update(len(positions))
+                if progress.received == len(data.keys):
+                    pending.append(writer.submit(write, index, in_progress.pop(index)))
+                for future in [f for f in pending if f.done()]:
+                    future.result()  # surface a write error (e.g. disk full) now, not at the end
+                    pending.remove(future)
+        finally:
+            bar.close()
+            for future in pending:
+                future.result()

@@ -1,0 +1,178 @@
+"""Looking into a teacher cache: `cache info`, `cache verify`, `cache dump`.
+
+    dho-pipeline cache info CACHE.zarr [--json]
+    dho-pipeline cache verify CACHE.zarr --manifest M.json
+    dho-pipeline cache dump CACHE.zarr [--shard NAME] [--limit N]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from dho_pipeline.cache_store import TeacherCache
+from dho_pipeline.errors import UserError
+from dho_pipeline.views import box_fractions
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def info(path: Path) -> dict:
+    cache = TeacherCache.open(path)
+    spec = cache.spec
+    shard_attrs = [cache.shard_attrs(i) or {} for i in range(len(spec.shards))]
+    complete = [bool(a.get("complete")) for a in shard_attrs]
+    missing = [
+        {"shard": spec.shards[i]["name"], **item}
+        for i, attrs in enumerate(shard_attrs) if attrs.get("complete")
+        for item in attrs.get("missing", [])
+    ]
+    num_samples = sum(s["num_samples"] for s in spec.shards)
+    cached_views = sum(s["num_samples"] for s, done in zip(spec.shards, complete) if done) * spec.num_views
+    size = _disk_bytes(Path(path))
+    return {
+        "path": str(path),
+        "teacher": spec.teacher,
+        "num_classes": spec.num_classes,
+        "num_templates": len(spec.templates),
+        "preprocess": spec.preprocess,
+        "views": spec.views,
+        "topk": spec.topk,
+        "full_logits": spec.full_logits,
+        "temperatures": spec.temperatures,
+        "manifest_fingerprint": spec.manifest_fingerprint,
+        "num_shards": len(spec.shards),
+        "complete_shards": sum(complete),
+        "incomplete_shards": [s["name"] for s, done in zip(spec.shards, complete) if not done],
+        "num_samples": num_samples,
+        "num_missing": len(missing),
+        "missing": missing,
+        "disk_bytes": size,
+        "bytes_per_view": round(size / cached_views, 1) if cached_views else None,
+    }
+
+
+def format_info(report: dict) -> str:
+    teacher = report["teacher"]
+    views = report["views"]
+    pre = report["preprocess"]
+    lines = [
+        f"cache        {report['path']}",
+        f"teacher      {teacher['model']} / {teacher['pretrained']}  ({teacher['weights_fingerprint'][:23]})",
+        f"classes      {report['num_classes']} classes, {report['num_templates']} templates",
+        f"input        {pre['image_size'][0]}x{pre['image_size'][1]}, resize {pre['resize_mode']}, {pre['interpolation']}",
+        f"views        {views['num_views']} per image (view 0: {views['view0']}; seed {views['seed']})",
+        f"logits       {'all' if report['full_logits'] else 'top-' + str(report['topk'])}, "
+        f"log-partition at T = {', '.join(f'{t:g}' for t in report['temperatures'])}",
+        f"shards       {report['complete_shards']} of {report['num_shards']} complete",
+        f"samples      {report['num_samples']}, {report['num_missing']} recorded as missing",
+        f"size         {report['disk_bytes'] / 1e6:.2f} MB"
+        + (f" ({report['bytes_per_view']} bytes per view)" if report["bytes_per_view"] else ""),
+    ]
+    if report["incomplete_shards"]:
+        shown = ", ".join(report["incomplete_shards"][:5])
+        lines.append(f"incomplete   {shown}{' ...' if len(report['incomplete_shards']) > 5 else ''}")
+    for item in report["missing"][:20]:
+        lines.append(f"missing      {item['shard']} {item['key']}: {item['reason']}")
+    if len(report["missing"]) > 20:
+        lines.append(f"missing      ... and {len(report['missing']) - 20} more (see --json)")
+    return "\n".join(lines)
+
+
+def verify(path: Path, manifest_path: Path) -> list[str]:
+    """Deep check of a cache against its manifest. Returns problems, one line each, naming the shard."""
+    from dho_pipeline.manifest import load_manifest
+
+    cache = TeacherCache.open(path)
+    manifest = load_manifest(manifest_path)
+    spec = cache.spec
+    if spec.manifest_fingerprint != manifest.fingerprint:
+        return [f"cache {path} was built from a different manifest than {manifest_path}"]
+    problems = []
+    for index, shard in enumerate(manifest.shards):
+        problem = _verify_shard(cache, index, shard.keys)
+        if problem:
+            problems.append(f"shard {shard.name}: {problem}")
+    return problems
+
+
+def _verify_shard(cache: TeacherCache, index: int, keys: list[str]) -> str | None:
+    spec = cache.spec
+    if not cache.is_complete(index):
+        return "not complete (rerun cache-teacher to finish it)"
+    try:
+        arrays = cache.read_shard(index)
+    except Exception as error:  # a damaged chunk surfaces as a codec or IO error
+        return f"unreadable ({type(error).__name__}: {error})"
+    n, v, k = len(keys), spec.num_views, spec.topk
+    expected = {
+        "key": (n,), "missing": (n,), "box": (n, v, 4), "flip": (n, v),
+        "topk_index": (n, v, k), "topk_logit": (n, v, k), "log_partition": (n, v, len(spec.temperatures)),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            return f"array {name} has shape {arrays[name].shape}, expected {shape}"
+    if list(arrays["key"]) != list(keys):
+        first = next(i for i, (a, b) in enumerate(zip(arrays["key"], keys)) if a != b)
+        return f"keys differ from the manifest at #{first} ({arrays['key'][first]!r} vs {keys[first]!r})"
+    present = ~arrays["missing"]
+    logits = arrays["topk_logit"][present].astype(np.float32)
+    indices = arrays["topk_index"][present]
+    log_partition = arrays["log_partition"][present]
+    boxes = arrays["box"][present].astype(np.int64)
+    if not (np.isfinite(logits).all() and np.isfinite(log_partition).all()):
+        return "non-finite logits or log-partitions"
+    if indices.size and (indices.min() < 0 or indices.max() >= spec.num_classes):
+        return f"class indices outside 0..{spec.num_classes - 1}"
+    if (np.diff(logits, axis=-1) > 0).any():
+        return "top-k logits are not in descending order"
+    if ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])).any():
+        return "a view box is empty or inverted"
+    # log Z_T >= max logit / T, up to float16 rounding of the stored logits
+    temperatures = np.asarray(spec.temperatures, dtype=np.float32)
+    if (log_partition + 0.1 < logits[..., :1] / temperatures).any():
+        return "a log-partition is smaller than its top logit allows"
+    return None
+
+
+def dump(path: Path, shard: str | None = None, limit: int | None = None) -> Iterator[dict]:
+    """One JSON-able object per sample, in manifest order."""
+    cache = TeacherCache.open(path)
+    spec = cache.spec
+    names = [s["name"] for s in spec.shards]
+    if shard is not None and shard not in names:
+        raise UserError(f"cache {path} has no shard named {shard!r} (it has {names[0]} ... {names[-1]})")
+    emitted = 0
+    temperature_names = [f"{t:g}" for t in spec.temperatures]
+    for index, name in enumerate(names):
+        if shard is not None and name != shard:
+            continue
+        if not cache.is_complete(index):
+            continue
+        arrays = cache.read_shard(index)
+        for row, key in enumerate(arrays["key"]):
+            if limit is not None and emitted >= limit:
+                return
+            record = {"shard": name, "key": str(key)}
+            if arrays["missing"][row]:
+                record["missing"] = True
+            else:
+                record["views"] = [
+                    {
+                        "box": [round(f, 6) for f in box_fractions(arrays["box"][row, view])],
+                        "flip": bool(arrays["flip"][row, view]),
+                        "topk_index": arrays["topk_index"][row, view].tolist(),
+                        "topk_logit": [float(x) for x in arrays["topk_logit"][row, view]],
+                        "log_partition": {
+                            t: float(x) for t, x in zip(temperature_names, arrays["log_partition"][row, view])
+                        },
+                    }
+                    for view in range(spec.num_views)
+                ]
+            emitted += 1
+            yield record
+

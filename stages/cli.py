@@ -1,0 +1,181 @@
+"""The `dho-pipeline` command line: a thin layer that turns flags into a stage's Config and runs it.
+
+Stage modules are imported inside their commands, so `dho-pipeline --help` is instant and torch loads
+only when work starts. Defaults live in each stage's Config; an option left out keeps that default
+(the help texts quote them, and a test checks that they agree).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dho_pipeline.errors import UserError
+
+PATH = click.Path(path_type=Path)
+EXISTING_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
+
+
+class _Group(click.Group):
+    """Turns a UserError into a one-line message and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+class _TopK(click.ParamType):
+    name = "K|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == "all":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
+
+
+class _FloatList(click.ParamType):
+    name = "T1,T2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+def _given(**options) -> dict:
+    """The options the user actually gave; the rest keep the stage Config's defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def main(verbose: bool) -> None:
+    """dho-pipeline: distil a zero-shot CLIP teacher into small dual-head CLIP students (DHO).
+
+    Stage one (cache-teacher) runs the teacher once and caches its logits per view; stage two
+    (train) trains any number of students against that cache.
+    """
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("dho_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--out", required=True, type=PATH, help="Manifest file to write (JSON).")
+@click.option("--workers", type=int, help="Shards scanned at once. [default: 4]")
+def manifest(shards, out, workers):
+    """Scan WebDataset SHARDS (paths, brace patterns, globs) into a manifest. No image decoding."""
+    from stages import manifest as stage
+
+    result = stage.run(stage.Config(shards=tuple(shards), out=out, **_given(workers=workers)))
+    labeled = sum(1 for s in result.shards if s.labels is not None)
+    click.echo(
+        f"wrote {out}: {len(result.shards)} shards, {result.num_samples} samples, "
+        f"{labeled} shard(s) with labels"
+    )
+
+
+@main.command("cache-teacher")
+@click.option("--manifest", "manifest_path", required=True, type=PATH, help="Manifest of the shards.")
+@click.option("--out", required=True, type=PATH, help="Teacher cache to write (a .zarr directory).")
+@click.option("--teacher", help="open_clip model name or model-config JSON. [default: ViT-H-14-378-quickgelu]")
+@click.option("--pretrained", help="open_clip tag, local weights file, or 'none'. [default: dfn5b]")
+@click.option("--classnames", type=PATH, help="Class names, one per line. [default: manifests/imagenet_classnames.txt]")
+@click.option("--templates", type=PATH, help="Prompt templates with {}, one per line. [default: manifests/imagenet_templates.txt]")
+@click.option("--views", type=int, help="Views per image (view 0 = the teacher's own view). [default: 1]")
+@click.option("--topk", type=_TopK(), help="Logits kept per view, or 'all'. [default: 100]")
+@click.option("--temperatures", type=_FloatList(), help="Temperatures for exact log-partitions. [default: 1,2]")
+@click.option("--seed", type=int, help="Seed of the views (and of a random-init teacher). [default: 0]")
+@click.option("--batch-size", type=int, help="Views per teacher forward pass. [default: 256]")
+@click.option("--workers", type=int, help="Image-decoding processes per rank. [default: 4]")
+@click.option("--device", help="Device, e.g. cuda, cuda:1, cpu. [default: this rank's GPU, else cpu]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="[default: bf16 on GPU, fp32 on CPU]")
+@click.option("--resize", type=click.Choice(["squash", "shortest"]), help="Override the teacher's resize mode.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), help="Undecodable image: stop, or record as missing. [default: fail]")
+def cache_teacher(manifest_path, out, topk, **options):
+    """Run the teacher once over the manifest's shards and cache its top-k logits per view.
+
+    Rerun the same command to resume an interrupted run; run it under torchrun or accelerate launch
+    to split the shards across processes.
+    """
+    from stages import cache_teacher as stage
+
+    if topk == "all":
+        options["topk"] = None
+    elif topk is not None:
+        options["topk"] = topk
+    config = stage.Config(manifest=manifest_path, out=out, **_given(**options))
+    summary = stage.run(config)
+    if _is_main_rank():
+        state = "complete" if summary["complete"] else f"incomplete ({len(summary['incomplete_shards'])} shards left)"
+        click.echo(
+            f"cache {out}: {state}; {summary['num_samples']} samples in {summary['num_shards']} shards, "
+            f"{summary['num_missing']} recorded as missing"
+        )
+
+
+@main.group()
+def cache():
+    """Inspect a teacher cache: info, verify, dump."""
+
+
+@cache.command("info")
+@click.argument("path", type=PATH)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def cache_info(path, as_json):
+    """What a cache holds, how complete it is, and which samples are missing."""
+    from stages import cache_tools
+
+    report = cache_tools.info(path)
+    click.echo(json.dumps(report, indent=2) if as_json else cache_tools.format_info(report))
+
+
+@cache.command("verify")
+@click.argument("path", type=PATH)
+@click.option("--manifest", "manifest_path", required=True, type=PATH, help="The manifest the cache was built from.")
+def cache_verify(path, manifest_path):
+    """Check every shard: complete, keys in manifest order, finite values, indices in range."""
+    from stages import cache_tools
+
+    problems = cache_tools.verify(path, manifest_path)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(f"cache {path} failed verification ({len(problems)} problem(s))")
+    click.echo(f"cache {path}: OK")
+
+
+@cache.command("dump")
+@click.argument("path", type=PATH)
+@click.option("--shard", help="Only this shard (its file name).")
+@click.option("--limit", type=int, help="At most this many samples.")
+def cache_dump(path, shard, limit):
+    """Print one JSON object per sample: views with box, flip, top-k and log-partitions."""
+    from stages import cache_tools
+
+    for record in cache_tools.dump(path, shard=shard, limit=limit):
+        click.echo(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

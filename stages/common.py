@@ -1,0 +1,93 @@
+"""What several stages share: default file locations, devices and precision, rank coordination."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from dho_pipeline.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS_DIR = REPO_ROOT / "manifests"
+IMAGENET_CLASSNAMES = MANIFESTS_DIR / "imagenet_classnames.txt"
+IMAGENET_TEMPLATES = MANIFESTS_DIR / "imagenet_templates.txt"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+log = logging.getLogger("dho_pipeline")
+T = TypeVar("T")
+
+
+def process_state(requested_device: str | None):
+    """Accelerate's view of this process (rank, world size, device), joining a torchrun group if any.
+
+    On machines without CUDA (or with --device cpu) Accelerate must be told `cpu=True`, else it
+    ignores the launcher's environment and every rank believes it is alone.
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = (requested_device or "").startswith("cpu") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def resolve_device(requested: str | None, default):
+    """`--device` if given (a bare "cuda" means this rank's GPU), else the launcher's choice."""
+    import torch
+
+    if requested is None:
+        return torch.device("cpu") if default.type == "cpu" else default
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA device is available here; use --device cpu")
+        if device.index is None:
+            device = default if default.type == "cuda" else torch.device("cuda", 0)
+    return device
+
+
+def resolve_precision(requested: str | None, device) -> str:
+    precision = requested or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def autocast(device, precision: str):
+    import torch
+
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def on_main_then_share(state, work: Callable[[], T]) -> T:
+    """Run `work` on the main process only and hand its result (or its UserError) to every rank.
+
+    Without this, a refusal on rank 0 (a locked cache, a mismatched spec) would leave the other ranks
+    waiting at the next barrier until the collective timeout.
+    """
+    outcome: list = [None]
+    if state.is_main_process:
+        try:
+            outcome[0] = ("ok", work())
+        except UserError as error:
+            outcome[0] = ("error", str(error))
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line; a single O_APPEND write, so lines from several ranks never interleave."""
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
