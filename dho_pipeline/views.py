@@ -123,16 +123,28 @@ def box_fractions(box: np.ndarray) -> list[float]:
     return [float(v) / BOX_SCALE for v in box]
 
 
+def _snap(pixel: float) -> float:
+    """Undo uint16 rounding: an edge within 0.01 px of a whole pixel is that pixel (the rounding
+    error is below 0.001 px for images up to 65k pixels wide), so whole-pixel boxes stay whole."""
+    nearest = round(pixel)
+    return float(nearest) if abs(pixel - nearest) < 0.01 else pixel
+
+
 def render_view(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int, int]) -> np.ndarray:
     """Crop `box` (uint16 fractions) out of an RGB image, resize to `size` = (height, width), flip.
 
-    Returns uint8 [height, width, 3]. PIL resizes a fractional box directly (no rounding to whole
-    pixels) and antialiases when it shrinks.
+    Returns uint8 [height, width, 3]. The box keeps its fractional edges (no rounding to whole
+    pixels); PIL's bicubic filter antialiases when it shrinks.
     """
     width, height = image.size
-    x0, y0, x1, y1 = box_fractions(box)
-    pixel_box = (x0 * width, y0 * height, x1 * width, y1 * height)
-    view = image.resize((size[1], size[0]), Image.Resampling.BICUBIC, box=pixel_box)
+    fx0, fy0, fx1, fy1 = box_fractions(box)
+    x0, y0, x1, y1 = (_snap(v) for v in (fx0 * width, fy0 * height, fx1 * width, fy1 * height))
+    # Crop first (to whole pixels around the box), so that no pixel outside the box's pixels enters
+    # the bicubic filter; then resize the fractional box inside that crop.
+    left, top = math.floor(x0), math.floor(y0)
+    right, bottom = max(math.ceil(x1), left + 1), max(math.ceil(y1), top + 1)
+    crop = image.crop((left, top, right, bottom))
+    view = crop.resize((size[1], size[0]), Image.Resampling.BICUBIC, box=(x0 - left, y0 - top, x1 - left, y1 - top))
     if flip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(view, dtype=np.uint8)

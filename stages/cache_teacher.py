@@ -36,9 +36,9 @@ class Config:
     classnames: Path = IMAGENET_CLASSNAMES  # one class name per line, in label order
     templates: Path = IMAGENET_TEMPLATES  # one prompt template per line, with {} for the class name
     views: int = 1  # views per image; view 0 is the teacher's own evaluation view
-    topk: int | None = 100  # logits kept per view; None keeps all (a zero-shot teacher is flat at T=2)
+    topk: int | None = 100  # logits kept per view; None (or k >= classes) keeps all; see NOTES on T=2
     temperatures: tuple[float, ...] = (1.0, 2.0)  # log-partitions stored exactly at these
-    seed: int = 0  # seeds the views (and a random-init teacher)
+    seed: int = 0  # seeds the views
     batch_size: int = 256  # views per teacher forward pass
     workers: int = 4  # DataLoader processes decoding images, per rank
     device: str | None = None  # default: this rank's GPU if there is one, else CPU
@@ -91,9 +91,8 @@ def run(config: Config) -> dict:
     classnames = read_classnames(config.classnames)
     templates = read_templates(config.templates)
     manifest.check_labels(len(classnames))
-    k = len(classnames) if config.topk is None else config.topk
-    if k > len(classnames):
-        raise UserError(f"--topk {k} exceeds the {len(classnames)} classes; use --topk all to keep every logit")
+    # k >= the number of classes simply keeps every logit.
+    k = len(classnames) if config.topk is None else min(config.topk, len(classnames))
 
     state = process_state(config.device)
     device = resolve_device(config.device, state.device)
@@ -107,7 +106,7 @@ def run(config: Config) -> dict:
 
         # ---- teacher ----------------------------------------------------------------------------
         started = time.perf_counter()
-        loaded = load_clip(config.teacher, config.pretrained, resize=config.resize, seed=config.seed)
+        loaded = load_clip(config.teacher, config.pretrained, resize=config.resize)
         class_embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
         teacher = ZeroShotTeacher(loaded.model.visual, class_embeddings).to(device).eval()
         preprocess = loaded.preprocess

@@ -95,6 +95,22 @@ def manifest(shards, out, workers):
     )
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, help="Shard path pattern with a %d placeholder, e.g. shards/train-%06d.tar.")
+@click.option("--classes", type=PATH, help="Class folder names in label order, one per line. [default: sorted folder names]")
+@click.option("--maxcount", type=int, help="Samples per shard at most. [default: 1000]")
+@click.option("--maxsize", type=float, help="Bytes per shard at most. [default: 1e9]")
+@click.option("--seed", type=int, help="Seed of the sample order (a shuffle of the sorted file list). [default: 0]")
+def shard(folder, out, **options):
+    """Turn a class-folder tree (FOLDER/<class>/<image>) into WebDataset shards with .cls labels."""
+    from stages import shard as stage
+
+    result = stage.run(stage.Config(folder=folder, out=out, **_given(**options)))
+    skipped = f"; {result['skipped']} non-image file(s) skipped" if result["skipped"] else ""
+    click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images of {result['classes']} classes{skipped}")
+
+
 @main.command("cache-teacher")
 @click.option("--manifest", "manifest_path", required=True, type=PATH, help="Manifest of the shards.")
 @click.option("--out", required=True, type=PATH, help="Teacher cache to write (a .zarr directory).")
@@ -105,7 +121,7 @@ def manifest(shards, out, workers):
 @click.option("--views", type=int, help="Views per image (view 0 = the teacher's own view). [default: 1]")
 @click.option("--topk", type=_TopK(), help="Logits kept per view, or 'all'. [default: 100]")
 @click.option("--temperatures", type=_FloatList(), help="Temperatures for exact log-partitions. [default: 1,2]")
-@click.option("--seed", type=int, help="Seed of the views (and of a random-init teacher). [default: 0]")
+@click.option("--seed", type=int, help="Seed of the views. [default: 0]")
 @click.option("--batch-size", type=int, help="Views per teacher forward pass. [default: 256]")
 @click.option("--workers", type=int, help="Image-decoding processes per rank. [default: 4]")
 @click.option("--device", help="Device, e.g. cuda, cuda:1, cpu. [default: this rank's GPU, else cpu]")
@@ -120,11 +136,10 @@ def cache_teacher(manifest_path, out, topk, **options):
     """
     from stages import cache_teacher as stage
 
+    given = _given(**options, topk=topk)
     if topk == "all":
-        options["topk"] = None
-    elif topk is not None:
-        options["topk"] = topk
-    config = stage.Config(manifest=manifest_path, out=out, **_given(**options))
+        given["topk"] = None
+    config = stage.Config(manifest=manifest_path, out=out, **given)
     summary = stage.run(config)
     if _is_main_rank():
         state = "complete" if summary["complete"] else f"incomplete ({len(summary['incomplete_shards'])} shards left)"
@@ -175,6 +190,23 @@ def cache_dump(path, shard, limit):
 
     for record in cache_tools.dump(path, shard=shard, limit=limit):
         click.echo(json.dumps(record))
+
+
+@main.command()
+@click.option("--out", type=PATH, help="Folder for the demo's data, caches, runs and report. [default: demo-out]")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def demo(out, as_json):
+    """Run the pipeline end to end on scikit-learn's digits with tiny CLIPs (CPU, offline, minutes)."""
+    from stages import demo as stage
+
+    results = stage.run(stage.Config(**_given(out=out)))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        cache = results["cache"]
+        click.echo(f"demo done: teacher cache of {cache['num_samples']} images ({'complete' if cache['complete'] else 'incomplete'})")
+        for step, seconds in results["steps"].items():
+            click.echo(f"  {step:<16} {seconds:6.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""Writing WebDataset shards: from an ImageNet-style class-folder tree, or from images in memory.
+
+Shards are written with webdataset's own ShardWriter. Each sample holds one image member (its
+original bytes and extension) and a `.cls` label. Keys are made safe (letters, digits, `_` and `-`
+only: no dots, which WebDataset treats as extension separators, no slashes, no control characters)
+and unique. Sample order is a seeded shuffle of the sorted file list: deterministic, and mixed, so that
+a streaming reader's shuffle buffer sees many classes at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import UserError
+from .shards import IMAGE_EXTENSIONS
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    key: str
+    ext: str  # image member extension, lower-case
+    label: int
+    path: Path | None = None  # read from disk when written ...
+    data: bytes | None = None  # ... or given in memory
+
+    def image_bytes(self) -> bytes:
+        return self.data if self.data is not None else self.path.read_bytes()
+
+
+def safe_key(text: str) -> str:
+    return _UNSAFE.sub("_", text).strip("_") or "sample"
+
+
+def unique_keys(names: list[str]) -> list[str]:
+    """Safe keys, with `-2`, `-3`, ... appended where two names map to the same key."""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        key = safe_key(name)
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    return keys
+
+
+def folder_samples(root: Path, class_list: list[str] | None = None) -> tuple[list[SampleSource], list[str], int]:
+    """Samples of `root/<class>/<image>`: (samples, class folder names in label order, files skipped).
+
+    Class order: `class_list` (folder names, in label order) if given, else sorted folder names.
+    """
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; expected ROOT/<class>/<image> files")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise UserError(f"{root} has no class folders; expected ROOT/<class>/<image> files")
+    classes = class_list if class_list is not None else folders
+    label_of = {name: index for index, name in enumerate(classes)}
+    unknown = [name for name in folders if name not in label_of]
+    if unknown:
+        raise UserError(f"folder {root / unknown[0]} is not in the class list ({len(unknown)} such folder(s))")
+    files, skipped = [], 0
+    for name in folders:
+        for path in sorted((root / name).rglob("*")):
+            if not path.is_file():
+                continue
+            ext = path.suffix.lower().lstrip(".")
+            if ext in IMAGE_EXTENSIONS:
+                files.append((path, ext, label_of[name], f"{name}_{path.relative_to(root / name).with_suffix('')}"))
+            else:
+                skipped += 1
+    if not files:
+        raise UserError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    keys = unique_keys([name for *_, name in files])
+    samples = [SampleSource(key=k, ext=ext, label=label, path=path) for k, (path, ext, label, _) in zip(keys, files)]
+    return samples, list(classes), skipped
+
+
+def shuffled(samples: list[SampleSource], seed: int) -> list[SampleSource]:
+    order = np.random.default_rng(seed).permutation(len(samples))
+    return [samples[i] for i in order]
+
+
+def write_shards(samples: Iterable[SampleSource], pattern: str, *, maxcount: int, maxsize: float) -> list[Path]:
+    """Write samples in order through webdataset's ShardWriter; returns the shard paths written.
+
+    A shard appears under its final name only once whole, so an interrupted run leaves no
+    half-written shard that looks finished; rerunning rewrites the same shards.
+    """
+    import webdataset as wds
+
+    if "%" not in pattern:
+        raise UserError(f"--out {pattern!r} needs a shard-number placeholder, e.g. out/train-%06d.tar")
+    Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def publish(partial_name: str) -> None:
+        # Each shard is written under a ".partial" name and renamed once whole.
+        final = Path(partial_name[: -len(".partial")])
+        Path(partial_name).replace(final)
+        written.append(final)
+
+    # mtime=0: the same samples always make byte-identical shards (same fingerprints, same caches).
+    with wds.ShardWriter(pattern + ".partial", maxcount=maxcount, maxsize=maxsize, verbose=0, post=publish, mtime=0) as writer:
+        for sample in samples:
+            writer.write({"__key__": sample.key, sample.ext: sample.image_bytes(), "cls": sample.label})
+    return written
