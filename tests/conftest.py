@@ -110,4 +110,4 @@ def cache_args(data: dict, out: Path, *extra) -> list:
 
 
 def dump(cache: Path) -> list[dict]:
-    return [json.loads(line) for line in cli("cache", "dump", cache).output.splitlines()]
+    return [json.loads(line) for line in cli("cache", "dump", cache).stdout.splitlines()]

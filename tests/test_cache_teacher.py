@@ -72,7 +72,7 @@ def test_cache_holds_exact_topk_and_log_partitions(dataset):
 def test_cache_info_and_full_logits(dataset):
     out = dataset["root"] / "full.zarr"
     cli(*cache_args(dataset, out, "--topk", "all", "--temperatures", "1"))
-    report = json.loads(cli("cache", "info", out, "--json").output)
+    report = json.loads(cli("cache", "info", out, "--json").stdout)
     assert report["full_logits"] and report["topk"] == 5 and report["complete_shards"] == 3
     assert report["teacher"]["model"] == "dho-test-vit" and report["num_missing"] == 0
     assert report["bytes_per_view"] > 0
@@ -212,7 +212,7 @@ def test_corrupt_image_fails_or_is_recorded_as_missing(dataset):
     assert not TeacherCache.open(out).is_complete(2)
 
     cli(*cache_args(dataset, out, "--on-error", "skip"))
-    report = json.loads(cli("cache", "info", out, "--json").output)
+    report = json.loads(cli("cache", "info", out, "--json").stdout)
     assert report["complete_shards"] == 3 and report["num_missing"] == 1
     assert report["missing"][0]["shard"] == "shard-000002.tar" and report["missing"][0]["key"] == key
     assert f"missing      shard-000002.tar {key}" in cli("cache", "info", out).output
