@@ -182,6 +182,7 @@ def _cache_shards(config, state, device, precision, teacher, cache, manifest, to
     import torch
     from tqdm import tqdm
 
+    from dho_pipeline.pixels import Normalizer
     from dho_pipeline.teacher import summarize_logits
     from dho_pipeline.view_batches import ShardTask, ViewBatches
 
@@ -197,8 +198,7 @@ def _cache_shards(config, state, device, precision, teacher, cache, manifest, to
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255
+    normalize = Normalizer(preprocess.mean, preprocess.std, device)
     k, temperatures = cache.spec.topk, cache.spec.temperatures
     timings_path = Path(str(config.out).rstrip("/") + ".timings.jsonl")
 
@@ -249,10 +249,8 @@ def _cache_shards(config, state, device, precision, teacher, cache, manifest, to
                 valid = positions[~missing]
                 if len(valid):
                     started = time.perf_counter()
-                    pixels = batch["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-                    pixels = (pixels - mean) / std
                     with torch.inference_mode(), autocast(device, precision):
-                        logits = teacher(pixels)
+                        logits = teacher(normalize(batch["pixels"]))
                     indices, values, log_partition = summarize_logits(logits, k, temperatures)
                     shape = (len(valid), config.views, -1)
                     data.topk_index[valid] = indices.view(shape).cpu().numpy()

@@ -149,6 +149,64 @@ def cache_teacher(manifest_path, out, topk, **options):
         )
 
 
+@main.command()
+@click.option("--manifest", "manifest_path", required=True, type=PATH, help="Manifest of the training shards.")
+@click.option("--out", required=True, type=PATH, help="Split file to write (JSON).")
+@click.option("--percent", type=float, help="Labeled share, class-balanced. [default: 1.0]")
+@click.option("--seed", type=int, help="Seed of the draw (the reference uses 13). [default: 13]")
+@click.option("--holdout", type=int, help="Labeled images per class held out for calibration. [default: 0]")
+@click.option("--from-list", type=EXISTING_FILE, help="Use the images this file names (one per line) as the labeled set.")
+def split(manifest_path, out, **options):
+    """Draw the labeled / held-out / unlabeled split of a manifest."""
+    from stages import split as stage
+
+    result = stage.run(stage.Config(manifest=manifest_path, out=out, **_given(**options)))
+    click.echo(
+        f"wrote {out}: {result.num_labeled} labeled, {result.num_holdout} held out, {result.num_unlabeled} unlabeled"
+    )
+
+
+@main.command()
+@click.option("--config", "recipe", type=EXISTING_FILE, help="Recipe (TOML) with any of the settings below; flags override it.")
+@click.option("--cache", type=PATH, help="Teacher cache (from cache-teacher).")
+@click.option("--manifest", "manifest_path", type=PATH, help="Manifest the cache was built from.")
+@click.option("--split", "split_path", type=PATH, help="Label split (from split).")
+@click.option("--out", type=PATH, help="Run directory.")
+@click.option("--student", help="open_clip model name or model-config JSON. [default: ViT-B-16-quickgelu]")
+@click.option("--pretrained", help="open_clip tag, local weights file, or 'none'. [default: openai]")
+@click.option("--objective", type=click.Choice(["dho", "single-head", "ce", "kd"]), help="[default: dho]")
+@click.option("--tail", type=click.Choice(["bucket", "uniform"]), help="Teacher mass outside the top-k. [default: bucket]")
+@click.option("--temperature", type=float, help="KD temperature. [default: 2.0]")
+@click.option("--epochs", type=int, help="Passes over the unlabeled set. [default: 32]")
+@click.option("--batch-size", type=int, help="Labeled (and unlabeled) samples per step, global. [default: 256]")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW). [default: 5e-05]")
+@click.option("--warmup-steps", type=int, help="Linear warm-up, capped at a tenth of the run. [default: 5000]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="[default: bf16 on GPU, fp32 on CPU]")
+@click.option("--grad-accum", type=int, help="Micro-steps per optimiser step. [default: 1]")
+@click.option("--workers", type=int, help="Data-loading processes per stream and rank. [default: 4]")
+@click.option("--seed", type=int, help="Seed of the data order. [default: 0]")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its newest complete checkpoint.")
+@click.option("--eval-data", type=PATH, help="Manifest to evaluate on after each epoch (logged only).")
+@click.option("--max-steps", type=int, help="Stop after this many steps (the schedule still spans all epochs).")
+@click.option("--log-every", type=int, help="Steps between metrics lines. [default: 10]")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints; 0: each epoch end. [default: 0]")
+@click.option("--device", help="Device, e.g. cuda, cpu. [default: this rank's GPU, else cpu]")
+@click.option("--classnames", type=PATH, help="Refuse to train unless the cache was built for these class names.")
+def train(recipe, manifest_path, split_path, **options):
+    """Train a dual-head student against a teacher cache (the teacher is never loaded)."""
+    from stages import train as stage
+
+    settings = stage.load_recipe(recipe) if recipe else {}
+    settings.update(_given(manifest=manifest_path, split=split_path, **options))
+    absent = [name for name in ("cache", "manifest", "split", "out") if name not in settings]
+    if absent:
+        raise UserError(f"train needs {', '.join('--' + a for a in absent)} (as flags or in the --config recipe)")
+    summary = stage.run(stage.Config(**settings))
+    if _is_main_rank():
+        state = "finished" if summary["finished"] else f"stopped at step {summary['steps']} of {summary['total_steps']}"
+        click.echo(f"run {settings['out']}: {state}; checkpoint {Path(settings['out']) / 'student.pt'}")
+
+
 @main.group()
 def cache():
     """Inspect a teacher cache: info, verify, dump."""

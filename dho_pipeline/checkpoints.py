@@ -1,0 +1,100 @@
+"""Checkpoints: whole or absent, and loaded without running pickled code.
+
+- Released format (the DHO model card): a `torch.save` dict with `model_state_dict` (keys `backbone.*`,
+  `ce_head.*`, `kd_head.*`), `epoch`, `acc`, `alpha`, `beta`. Ours adds `dho_pipeline`: a JSON-like
+  dict of metadata (architecture, class names, config, cache/split fingerprints). Everything in it is
+  tensors, numbers, strings, lists and dicts, so it loads with `torch.load(..., weights_only=True)`.
+- Training state: `RUN_DIR/checkpoints/step-NNNNNNNN/state.pt` with model, optimiser and data position.
+  It is written under a temporary name and renamed when whole, so a checkpoint directory that exists
+  is complete; resuming takes the newest one.
+
+Every load here uses `weights_only=True`: a file carrying a pickled object that would run code is
+refused with a clear error, and that code never runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """torch.load with weights_only=True and one-line errors for every way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(
+            f"checkpoint {path} holds pickled objects that could run code, refused (weights_only load: {first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint {path} is not a dict of weights")
+    return checkpoint
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Released checkpoints may carry DDP's `module.` prefix."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_release_checkpoint(path: Path, model_state: dict, *, epoch: int, acc: float | None, alpha: float,
+                            beta: float, metadata: dict) -> None:
+    save_atomically(
+        {"model_state_dict": model_state, "epoch": epoch, "acc": acc, "alpha": alpha, "beta": beta, "dho_pipeline": metadata},
+        Path(path),
+    )
+
+
+def save_training_state(run_dir: Path, step: int, payload: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-N/state.pt under a temporary name, rename when whole, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    temporary = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    torch.save(payload, temporary / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(temporary, final)
+    for old in complete_training_states(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_training_states(run_dir: Path) -> list[Path]:
+    """Complete training-state directories, oldest first (temporary ones are never listed)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def remove_partial_training_states(run_dir: Path) -> None:
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for leftover in root.glob(".tmp-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)

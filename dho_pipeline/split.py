@@ -1,0 +1,215 @@
+"""Label splits: which samples of a manifest are labeled, which are held out, the rest unlabeled.
+
+A split is drawn once (`dho-pipeline split`) and saved as JSON:
+
+    {"format": "dho-pipeline-split", "version": 1,
+     "fingerprint": "sha256:...",            # of the content below
+     "manifest_fingerprint": "sha256:...",   # the manifest it indexes
+     "num_samples": N,                       # in that manifest
+     "method": {"percent": 1.0, "seed": 13, "holdout_per_class": 0, "from_list": null},
+     "num_labeled": L, "num_holdout": H, "num_unlabeled": U,
+     "labeled": {"shard-000000.tar": [positions in the shard], ...},
+     "holdout": {"shard-000000.tar": [...], ...}}
+
+Class-balanced drawing, as the DHO reference does it: every class gets the same number of labeled
+images, `round(percent / 100 * num_samples / num_classes)` (ImageNet: 13 at 1%, 128 at 10%), drawn with
+numpy's generator seeded by `seed`; classes with fewer images give all they have. The held-out set
+(`holdout_per_class`, for calibrating alpha and beta) is drawn from the remaining images of each
+class and is never trained on. Unlabeled = every sample neither labeled nor held out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .hashing import fingerprint_json
+from .manifest import Manifest
+
+FORMAT = "dho-pipeline-split"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Split:
+    manifest_fingerprint: str
+    num_samples: int  # in the manifest
+    method: dict
+    labeled: dict[str, list[int]]  # shard name -> positions
+    holdout: dict[str, list[int]]
+    fingerprint: str
+
+    @property
+    def num_labeled(self) -> int:
+        return sum(len(p) for p in self.labeled.values())
+
+    @property
+    def num_holdout(self) -> int:
+        return sum(len(p) for p in self.holdout.values())
+
+    @property
+    def num_unlabeled(self) -> int:
+        return self.num_samples - self.num_labeled - self.num_holdout
+
+    def check_manifest(self, manifest: Manifest, where: str = "split") -> None:
+        if manifest.fingerprint != self.manifest_fingerprint:
+            raise UserError(f"{where} was drawn from a different manifest; draw it again with `dho-pipeline split`")
+
+    def labeled_mask(self, manifest: Manifest) -> list[np.ndarray]:
+        return _masks(manifest, self.labeled)
+
+    def holdout_mask(self, manifest: Manifest) -> list[np.ndarray]:
+        return _masks(manifest, self.holdout)
+
+    def unlabeled_mask(self, manifest: Manifest) -> list[np.ndarray]:
+        return [~(a | b) for a, b in zip(self.labeled_mask(manifest), self.holdout_mask(manifest))]
+
+
+def _masks(manifest: Manifest, chosen: dict[str, list[int]]) -> list[np.ndarray]:
+    masks = []
+    for shard in manifest.shards:
+        mask = np.zeros(shard.num_samples, dtype=bool)
+        mask[chosen.get(shard.name, [])] = True
+        masks.append(mask)
+    return masks
+
+
+def _content(manifest_fingerprint, num_samples, method, labeled, holdout) -> dict:
+    return {
+        "manifest_fingerprint": manifest_fingerprint,
+        "num_samples": num_samples,
+        "method": method,
+        "labeled": labeled,
+        "holdout": holdout,
+    }
+
+
+def _make(manifest: Manifest, method: dict, labeled_ids: np.ndarray, holdout_ids: np.ndarray) -> Split:
+    """From global sample ids (manifest order) to per-shard sorted positions."""
+    starts = np.cumsum([0] + [s.num_samples for s in manifest.shards])
+
+    def per_shard(ids: np.ndarray) -> dict[str, list[int]]:
+        ids = np.sort(ids)
+        out = {}
+        for index, shard in enumerate(manifest.shards):
+            inside = ids[(ids >= starts[index]) & (ids < starts[index + 1])] - starts[index]
+            if len(inside):
+                out[shard.name] = inside.tolist()
+        return out
+
+    labeled, holdout = per_shard(labeled_ids), per_shard(holdout_ids)
+    content = _content(manifest.fingerprint, manifest.num_samples, method, labeled, holdout)
+    return Split(**content, fingerprint=fingerprint_json(content))
+
+
+def all_labels(manifest: Manifest) -> np.ndarray:
+    """Labels of every sample in manifest order; an unlabeled sample is an error naming it."""
+    manifest_labels = []
+    for shard in manifest.shards:
+        if shard.labels is None or any(label is None for label in shard.labels):
+            position = 0 if shard.labels is None else shard.labels.index(None)
+            raise UserError(
+                f"shard {shard.name}, key {shard.keys[position]!r} has no label; a split needs labels "
+                "(.cls or .json 'label') on every sample"
+            )
+        manifest_labels.extend(shard.labels)
+    return np.asarray(manifest_labels, dtype=np.int64)
+
+
+def draw_split(manifest: Manifest, *, percent: float, seed: int, holdout_per_class: int = 0,
+               from_list: list[str] | None = None, list_name: str | None = None) -> Split:
+    labels = all_labels(manifest)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    method = {"percent": percent, "seed": seed, "holdout_per_class": holdout_per_class, "from_list": list_name}
+    if from_list is not None:
+        labeled_ids = _ids_from_list(manifest, from_list, list_name or "list")
+        method["percent"] = None
+    else:
+        if not 0 < percent <= 100:
+            raise UserError(f"--percent must lie in (0, 100], not {percent}")
+        per_class = max(1, round(percent / 100 * len(labels) / len(classes)))
+        labeled_ids = np.concatenate([
+            rng.choice(ids, size=min(per_class, len(ids)), replace=False)
+            for ids in (np.flatnonzero(labels == c) for c in classes)
+        ])
+    taken = np.zeros(len(labels), dtype=bool)
+    taken[labeled_ids] = True
+    holdout_ids = np.zeros(0, dtype=np.int64)
+    if holdout_per_class > 0:
+        holdout_ids = np.concatenate([
+            rng.choice(ids, size=min(holdout_per_class, len(ids)), replace=False)
+            for ids in (np.flatnonzero((labels == c) & ~taken) for c in classes)
+        ])
+    return _make(manifest, method, labeled_ids, holdout_ids)
+
+
+def _ids_from_list(manifest: Manifest, names: list[str], list_name: str) -> np.ndarray:
+    """Global ids of the samples a list names (image file names or keys, e.g. n01440764_10026.JPEG)."""
+    from webdataset.tariterators import base_plus_ext
+
+    where: dict[str, list[int]] = {}
+    sample_id = 0
+    for shard in manifest.shards:
+        for key in shard.keys:
+            where.setdefault(key.rsplit("/", 1)[-1], []).append(sample_id)
+            sample_id += 1
+    ids, absent = [], []
+    for name in names:
+        base = name.strip().rsplit("/", 1)[-1]
+        key = base_plus_ext(base)[0] or base
+        found = where.get(key)
+        if not found:
+            absent.append(name)
+        elif len(found) > 1:
+            raise UserError(f"{list_name}: {name!r} matches {len(found)} samples (the key is not unique across shards)")
+        else:
+            ids.append(found[0])
+    if absent:
+        raise UserError(f"{list_name}: {len(absent)} of {len(names)} listed images are not in the manifest, e.g. {absent[0]!r}")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{list_name} names some images twice")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def save_split(split: Split, path: Path) -> None:
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": split.fingerprint,
+        "num_labeled": split.num_labeled,
+        "num_holdout": split.num_holdout,
+        "num_unlabeled": split.num_unlabeled,
+        **_content(split.manifest_fingerprint, split.num_samples, split.method, split.labeled, split.holdout),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def load_split(path: str | Path) -> Split:
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"split {path} does not exist; draw one with `dho-pipeline split`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"split {path} is not a readable JSON file ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise UserError(f"{path} is not a dho-pipeline split; draw one with `dho-pipeline split`")
+    try:
+        content = _content(
+            document["manifest_fingerprint"], document["num_samples"], document["method"],
+            document["labeled"], document["holdout"],
+        )
+    except KeyError as error:
+        raise UserError(f"split {path} lacks {error}") from None
+    if fingerprint_json(content) != document.get("fingerprint"):
+        raise UserError(f"split {path} was edited after it was drawn; draw it again")
+    return Split(fingerprint=document["fingerprint"], **content)

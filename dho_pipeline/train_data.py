@@ -1,0 +1,355 @@
+"""Stage two's input: student views of labeled, unlabeled and evaluation samples, joined to the cache.
+
+Every sample is read straight from its shard at the byte offset the manifest recorded, so each stream
+reads only its own samples (the labeled stream never scans unlabeled data), and any position in a
+stream can be reached without reading what comes before it: resuming costs nothing.
+
+Streams are infinite sequences of sample ids, cut into batches. Batch b of a stream is a pure function
+of (seed, rank, world size, b), so every run, resumed or not, sees the same data in the same order:
+
+- unlabeled: per stream epoch, the shards are shuffled and dealt to ranks (shard i of the shuffled
+  list to rank i mod world); each rank visits its shards in groups of a few, shuffling the samples
+  of a group together (a shard-level shuffle buffer with good file locality);
+- labeled: per labeled epoch, the labeled samples are shuffled globally and dealt to ranks;
+- evaluation: each sample exactly once, dealt to ranks in turn.
+
+A DataLoader worker w of W produces batches b = first + w, first + w + W, ...; the DataLoader hands
+them out round-robin, so the main process receives batches in stream order.
+
+The view a sample shows at stream epoch e is view (e + h) mod V, h a per-sample hash: views are
+covered evenly and differ between neighbours. Its pixels are the original image cropped by the
+cached box, flipped as recorded, resized to the student's input (views.render_view), so teacher and
+student always see the same view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .cache_store import TeacherCache
+from .errors import UserError
+from .manifest import Manifest
+from .views import VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, draw_views, render_view
+
+SHARDS_PER_GROUP = 4  # unlabeled shards whose samples are shuffled together
+
+
+@dataclass
+class SampleTable:
+    """Every manifest sample as flat arrays, in manifest order (the global sample id is the index)."""
+
+    shard: np.ndarray  # int32
+    position: np.ndarray  # int32, within the shard
+    label: np.ndarray  # int64, -1 where unknown
+    offset: np.ndarray  # int64, byte offset of the image in its shard
+    size: np.ndarray  # int64
+    shard_paths: list[str]
+    shard_names: list[str]
+    keys: list[list[str]]  # per shard
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "SampleTable":
+        shards = manifest.shards
+        return cls(
+            shard=np.concatenate([np.full(s.num_samples, i, np.int32) for i, s in enumerate(shards)]),
+            position=np.concatenate([np.arange(s.num_samples, dtype=np.int32) for s in shards]),
+            label=np.concatenate([
+                np.array([-1 if v is None else v for v in (s.labels or [None] * s.num_samples)], np.int64)
+                for s in shards
+            ]),
+            offset=np.concatenate([np.asarray(s.image_offsets, np.int64) for s in shards]),
+            size=np.concatenate([np.asarray(s.image_sizes, np.int64) for s in shards]),
+            shard_paths=[str(s.path) for s in shards],
+            shard_names=[s.name for s in shards],
+            keys=[s.keys for s in shards],
+        )
+
+    def ids_of(self, masks: list[np.ndarray]) -> np.ndarray:
+        """Global ids where a per-shard boolean mask is set."""
+        return np.flatnonzero(np.concatenate(masks))
+
+    def key(self, sample_id: int) -> str:
+        return self.keys[self.shard[sample_id]][self.position[sample_id]]
+
+
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([w & 0xFFFFFFFF for w in words]))
+
+
+def _view_offset(shard_name: str, key: str) -> int:
+    digest = hashlib.blake2b(f"{shard_name}/{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+# ---- orders: which ids a rank sees in stream epoch e ---------------------------------------------
+
+
+def unlabeled_order(table: SampleTable, ids: np.ndarray, seed: int, rank: int, world: int) -> Callable[[int], np.ndarray]:
+    by_shard = {s: ids[table.shard[ids] == s] for s in np.unique(table.shard[ids])}
+    shards = np.array(sorted(by_shard))
+
+    def order(epoch: int) -> np.ndarray:
+        rng = _rng(seed, 1, epoch)
+        mine = rng.permutation(shards)[rank::world]
+        groups = [mine[i : i + SHARDS_PER_GROUP] for i in range(0, len(mine), SHARDS_PER_GROUP)]
+        parts = [rng.permutation(np.concatenate([by_shard[s] for s in group])) for group in groups]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    return order
+
+
+def labeled_order(ids: np.ndarray, seed: int, rank: int, world: int) -> Callable[[int], np.ndarray]:
+    def order(epoch: int) -> np.ndarray:
+        return _rng(seed, 2, epoch).permutation(ids)[rank::world]
+
+    return order
+
+
+class IdStream:
+    """An infinite stream of sample ids cut into batches; batch(b) -> (ids, stream epoch of each id)."""
+
+    def __init__(self, order: Callable[[int], np.ndarray], batch_size: int):
+        self.order = order
+        self.batch_size = batch_size
+        self._epoch_starts = [0]  # stream position where each epoch begins
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _epoch_ids(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            ids = self.order(epoch)
+            if len(ids) == 0:
+                raise UserError("a training stream has no samples for this process; use fewer processes or more shards")
+            self._cached = (epoch, ids)
+        return self._cached[1]
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        epoch = max(e for e, start in enumerate(self._epoch_starts) if start <= position)
+        while True:
+            length = len(self._epoch_ids(epoch))
+            if len(self._epoch_starts) == epoch + 1:
+                self._epoch_starts.append(self._epoch_starts[epoch] + length)
+            if position < self._epoch_starts[epoch + 1]:
+                return epoch, position - self._epoch_starts[epoch]
+            epoch += 1
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, epochs = [], []
+        position = index * self.batch_size
+        while len(ids) < self.batch_size:
+            epoch, offset = self._locate(position)
+            chunk = self._epoch_ids(epoch)[offset : offset + self.batch_size - len(ids)]
+            ids.extend(chunk.tolist())
+            epochs.extend([epoch] * len(chunk))
+            position += len(chunk)
+        return np.asarray(ids, np.int64), np.asarray(epochs, np.int64)
+
+
+class FiniteIdStream:
+    """Each id exactly once (evaluation): batch(b) for b < num_batches; the last batch may be short."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, rank: int, world: int):
+        self.ids = ids[rank::world]
+        self.batch_size = batch_size
+        self.num_batches = -(-len(self.ids) // batch_size)
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.ids[index * self.batch_size : (index + 1) * self.batch_size]
+        return ids, np.zeros(len(ids), np.int64)
+
+
+# ---- cached teacher rows ---------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherRows:
+    """Cached views of some samples: boxes, flips and the teacher's top-k at one temperature."""
+
+    boxes: np.ndarray  # uint16 [n, V, 4]
+    flips: np.ndarray  # bool [n, V]
+    topk_index: np.ndarray  # [n, V, K]
+    topk_logit: np.ndarray  # float16 [n, V, K]
+    log_partition: np.ndarray  # float32 [n, V] at the training temperature (NaN: compute from the logits)
+
+
+def temperature_column(cache: TeacherCache, temperature: float) -> int | None:
+    """Index of T in the cache's log-partitions; None for a full-logit cache without that T."""
+    temperatures = [float(t) for t in cache.spec.temperatures]
+    if float(temperature) in temperatures:
+        return temperatures.index(float(temperature))
+    if cache.spec.full_logits:
+        return None
+    held = ", ".join(f"{t:g}" for t in temperatures)
+    raise UserError(
+        f"cache {cache.path} holds top-{cache.spec.topk} logits with exact log-partitions at T = {held} only; "
+        f"train at one of those, or rebuild the cache with --temperatures including {temperature:g} (or --topk all)"
+    )
+
+
+def _rows_from(arrays: dict, column: int | None) -> TeacherRows:
+    log_partition = arrays["log_partition"][..., column] if column is not None else np.full(arrays["flip"].shape, np.nan, np.float32)
+    return TeacherRows(arrays["box"], arrays["flip"], arrays["topk_index"], arrays["topk_logit"], log_partition)
+
+
+_ROW_ARRAYS = ("key", "box", "flip", "topk_index", "topk_logit", "log_partition")
+_ROW_FIELDS = tuple(TeacherRows.__dataclass_fields__)
+
+
+class ShardRows:
+    """Teacher rows read a whole shard at a time, keeping the last few shards (the unlabeled stream)."""
+
+    def __init__(self, cache: TeacherCache, table: SampleTable, temperature: float, keep: int = SHARDS_PER_GROUP + 1):
+        self.cache, self.table, self.keep = cache, table, keep
+        self.column = temperature_column(cache, temperature)
+        self._shards: OrderedDict[int, TeacherRows] = OrderedDict()
+
+    def _shard(self, shard: int) -> TeacherRows:
+        if shard in self._shards:
+            self._shards.move_to_end(shard)
+            return self._shards[shard]
+        arrays = self.cache.read_shard(shard, _ROW_ARRAYS)
+        if list(arrays["key"]) != self.table.keys[shard]:
+            raise UserError(f"cache {self.cache.path}: shard {self.table.shard_names[shard]} keys differ from the manifest")
+        rows = _rows_from(arrays, self.column)
+        self._shards[shard] = rows
+        while len(self._shards) > self.keep:
+            self._shards.popitem(last=False)
+        return rows
+
+    def get(self, ids: np.ndarray) -> TeacherRows:
+        picked = [(self._shard(int(self.table.shard[i])), int(self.table.position[i])) for i in ids]
+        return TeacherRows(*(np.stack([getattr(rows, f)[p] for rows, p in picked]) for f in _ROW_FIELDS))
+
+
+class PreloadedRows:
+    """Teacher rows of a fixed, small set of samples (the labeled set), read once at start."""
+
+    def __init__(self, cache: TeacherCache, table: SampleTable, ids: np.ndarray, temperature: float):
+        column = temperature_column(cache, temperature)
+        gathered: dict[str, list] = {name: [] for name in _ROW_ARRAYS}
+        order = []
+        for shard in np.unique(table.shard[ids]):
+            in_shard = ids[table.shard[ids] == shard]
+            positions = table.position[in_shard]
+            group = cache.open_shard_arrays(int(shard))
+            for name in _ROW_ARRAYS:
+                gathered[name].append(group[name].oindex[positions])
+            if list(gathered["key"][-1]) != [table.keys[shard][p] for p in positions]:
+                raise UserError(f"cache {cache.path}: shard {table.shard_names[shard]} keys differ from the manifest")
+            order.extend(int(i) for i in in_shard)
+        self.index = {sample_id: n for n, sample_id in enumerate(order)}
+        arrays = {name: np.concatenate(parts) for name, parts in gathered.items()}
+        self.rows = _rows_from(arrays, column)
+
+    def get(self, ids: np.ndarray) -> TeacherRows:
+        where = [self.index[int(i)] for i in ids]
+        return TeacherRows(*(getattr(self.rows, f)[where] for f in _ROW_FIELDS))
+
+
+# ---- the dataset -----------------------------------------------------------------------------------
+
+
+class _ImageReader:
+    """Reads image bytes by offset, keeping a few shard files open."""
+
+    def __init__(self, table: SampleTable, keep: int = 8):
+        self.table, self.keep = table, keep
+        self._files: OrderedDict[int, object] = OrderedDict()
+
+    def read(self, sample_id: int) -> bytes:
+        shard = int(self.table.shard[sample_id])
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = open(self.table.shard_paths[shard], "rb")
+            self._files[shard] = handle
+            while len(self._files) > self.keep:
+                self._files.popitem(last=False)[1].close()
+        self._files.move_to_end(shard)
+        handle.seek(int(self.table.offset[sample_id]))
+        data = handle.read(int(self.table.size[sample_id]))
+        if len(data) != self.table.size[sample_id]:
+            raise UserError(f"shard {self.table.shard_names[shard]} is shorter than the manifest says; rebuild the manifest")
+        return data
+
+
+class StudentBatches(IterableDataset):
+    """Batches of student views (uint8 HWC) with labels and, when `rows` is given, teacher targets.
+
+    Without `rows` (evaluation, or a teacher run online), each image shows its centred square, the
+    student's own evaluation view; `extra_sizes` renders the same view at more sizes (an online
+    teacher's input) under "pixels_<h>".
+    """
+
+    def __init__(self, table: SampleTable, stream, image_size: tuple[int, int], *, rows=None, num_views: int = 1,
+                 first_batch: int = 0, num_batches: int | None = None, extra_sizes: tuple = ()):
+        self.table, self.stream, self.image_size, self.rows = table, stream, image_size, rows
+        self.num_views, self.first_batch, self.num_batches = num_views, first_batch, num_batches
+        self.extra_sizes = extra_sizes
+
+    def __iter__(self):
+        worker = get_worker_info()
+        w, workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        reader = _ImageReader(self.table)
+        index = self.first_batch + w
+        while self.num_batches is None or index < self.first_batch + self.num_batches:
+            yield self._batch(reader, index)
+            index += workers
+
+    def _views(self, sample_ids, epochs, images):
+        """(boxes [n, 4], flips [n]) of the view each sample shows, and its teacher targets."""
+        n = len(sample_ids)
+        if self.rows is None:
+            center = ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE)
+            boxes = np.stack([draw_views(center, "", "", *image.size)[0][0] for image in images])
+            return boxes, np.zeros(n, bool), None
+        rows = self.rows.get(sample_ids)
+        views = np.array([
+            (epoch + _view_offset(self.table.shard_names[self.table.shard[i]], self.table.key(i))) % self.num_views
+            for i, epoch in zip(sample_ids, epochs)
+        ])
+        pick = np.arange(n), views
+        target = {
+            "topk_index": torch.from_numpy(rows.topk_index[pick].astype(np.int64)),
+            "topk_logit": torch.from_numpy(rows.topk_logit[pick].astype(np.float32)),
+            "log_partition": torch.from_numpy(rows.log_partition[pick].astype(np.float32)),
+        }
+        return rows.boxes[pick], rows.flips[pick], target
+
+    def _batch(self, reader: _ImageReader, index: int) -> dict:
+        started = time.perf_counter()
+        sample_ids, epochs = self.stream.batch(index)
+        images = []
+        for sample_id in sample_ids:
+            try:
+                images.append(decode_rgb(reader.read(int(sample_id))))
+            except UserError:
+                raise
+            except Exception as error:
+                raise UserError(
+                    f"shard {self.table.shard_names[self.table.shard[sample_id]]}, key {self.table.key(sample_id)!r}: "
+                    f"cannot decode the image ({type(error).__name__}: {error})"
+                ) from None
+        boxes, flips, target = self._views(sample_ids, epochs, images)
+        batch = {
+            "index": index,
+            "ids": torch.from_numpy(sample_ids),
+            "labels": torch.from_numpy(self.table.label[sample_ids]),
+            "pixels": torch.from_numpy(np.stack([
+                render_view(image, box, bool(flip), self.image_size) for image, box, flip in zip(images, boxes, flips)
+            ])),
+        }
+        for size in self.extra_sizes:
+            batch[f"pixels_{size[0]}"] = torch.from_numpy(np.stack([
+                render_view(image, box, bool(flip), size) for image, box, flip in zip(images, boxes, flips)
+            ]))
+        if target is not None:
+            batch.update(target)
+        batch["read_seconds"] = time.perf_counter() - started
+        return batch

@@ -1,0 +1,38 @@
+"""Draw the labeled / held-out / unlabeled split of a manifest.
+
+    dho-pipeline split --manifest M.json --percent 1 --seed 13 --holdout 5 --out splits/1pct.json
+    dho-pipeline split --manifest M.json --from-list 1percent.txt --out splits/simclr-1pct.json
+
+The labeled stream of `train` reads only the labeled images, straight from their byte offsets in the
+shards (recorded by the manifest), so it never scans the unlabeled data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    manifest: Path
+    out: Path
+    percent: float = 1.0  # labeled share of the data set, class-balanced
+    seed: int = 13  # the reference's seed
+    holdout: int = 0  # labeled images per class set aside for calibration, never trained on
+    from_list: Path | None = None  # an existing list of image names/keys instead of drawing
+
+
+def run(config: Config):
+    from dho_pipeline.manifest import load_manifest
+    from dho_pipeline.split import draw_split, save_split
+    from dho_pipeline.textlists import read_lines
+
+    manifest = load_manifest(config.manifest)
+    names = read_lines(config.from_list, "image list") if config.from_list else None
+    split = draw_split(
+        manifest, percent=config.percent, seed=config.seed, holdout_per_class=config.holdout,
+        from_list=names, list_name=str(config.from_list) if config.from_list else None,
+    )
+    save_split(split, Path(config.out))
+    return split
