@@ -1,10 +1,23 @@
-"""Evaluating a dual-head student: logits of both heads over a data set, and accuracies from them."""
+"""Evaluating a dual-head student: logits over a data set, reducible statistics, the alpha/beta search.
+
+Everything a report needs is computed as sums (correct counts, NLL sums, calibration bins, per-class
+counts), so each process can evaluate its own slice of the data and a plain all-reduce of the sums
+gives exactly the numbers a single process would: every sample counted once.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from .student import combine_heads
+
+ECE_BINS = 15
+ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]  # the reference grid: 0, 0.05, ..., 1
+BETA_GRID = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0]
+PAPER_ALPHA_BETA = (0.5, 0.5)
 
 
 @torch.no_grad()
@@ -22,17 +35,113 @@ def collect_logits(model, batches, normalize, autocast) -> dict[str, torch.Tenso
     return {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}
 
 
-def topk_correct(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    k = min(k, probabilities.shape[-1])
-    return int((probabilities.topk(k, dim=-1).indices == labels.unsqueeze(-1)).any(dim=-1).sum())
-
-
-def head_accuracies(logits: dict[str, torch.Tensor], alpha: float = 0.5, beta: float = 0.5) -> dict[str, float]:
-    """Top-1 of the CE head, the KD head and their alpha/beta mix."""
-    labels = logits["labels"]
-    n = max(1, len(labels))
+def head_probabilities(logits: dict[str, torch.Tensor], alpha: float, beta: float) -> dict[str, torch.Tensor]:
     return {
-        "ce": topk_correct(logits["ce"], labels, 1) / n,
-        "kd": topk_correct(logits["kd"], labels, 1) / n,
-        "mix": topk_correct(combine_heads(logits["ce"], logits["kd"], alpha, beta), labels, 1) / n,
+        "ce": F.softmax(logits["ce"], dim=-1),
+        "kd": F.softmax(logits["kd"], dim=-1),
+        "mix": combine_heads(logits["ce"], logits["kd"], alpha, beta),
     }
+
+
+def statistics_size(num_classes: int) -> int:
+    return 3 * (3 + 3 * ECE_BINS + num_classes) + num_classes + 1
+
+
+def sufficient_statistics(logits: dict[str, torch.Tensor], alpha: float, beta: float, num_classes: int) -> torch.Tensor:
+    """One flat float64 vector of sums (see `finish_statistics`); add vectors to merge data slices.
+
+    Per head (CE, KD, mix): correct top-1, correct top-5, NLL sum; per confidence bin: count,
+    confidence sum, correct sum; correct per class. Then the per-class totals and the sample count.
+    """
+    labels = logits["labels"].long()
+    if not len(labels):
+        return torch.zeros(statistics_size(num_classes), dtype=torch.float64)
+    rows = []
+    for probabilities in head_probabilities(logits, alpha, beta).values():
+        confidence, predicted = probabilities.max(dim=-1)
+        correct = (predicted == labels).double()
+        in_top5 = (probabilities.topk(min(5, num_classes), dim=-1).indices == labels.unsqueeze(-1)).any(-1)
+        nll = -torch.log(probabilities.gather(-1, labels.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12))
+        bins = (confidence * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+        zeros = torch.zeros(ECE_BINS, dtype=torch.float64)
+        rows += [
+            torch.tensor([correct.sum(), in_top5.sum(), nll.sum()], dtype=torch.float64),
+            torch.bincount(bins, minlength=ECE_BINS).double(),
+            zeros.index_add(0, bins, confidence.double()),
+            zeros.index_add(0, bins, correct),
+            torch.bincount(labels, weights=correct, minlength=num_classes).double(),
+        ]
+    rows += [torch.bincount(labels, minlength=num_classes).double(), torch.tensor([float(len(labels))], dtype=torch.float64)]
+    return torch.cat(rows)
+
+
+def finish_statistics(stats: torch.Tensor, num_classes: int) -> dict:
+    """Accuracies (top-1, top-5), NLL and ECE per head, and per-class counts, from summed statistics."""
+    stats = stats.double().cpu()
+    total = max(1.0, stats[-1].item())
+    width = 3 + 3 * ECE_BINS + num_classes
+    report = {"samples": int(stats[-1].item())}
+    per_class_total = stats[3 * width : 3 * width + num_classes]
+    for i, head in enumerate(("ce", "kd", "mix")):
+        row = stats[i * width : (i + 1) * width]
+        counts, confidence, correct = (row[3 + j * ECE_BINS : 3 + (j + 1) * ECE_BINS] for j in range(3))
+        ece = sum(abs(correct[b] - confidence[b]).item() for b in range(ECE_BINS) if counts[b] > 0) / total
+        report[head] = {
+            "top1": row[0].item() / total,
+            "top5": row[1].item() / total,
+            "nll": row[2].item() / total,
+            "ece": ece,
+            "per_class_correct": [int(v) for v in row[3 + 3 * ECE_BINS :].tolist()],
+        }
+    report["per_class_total"] = [int(v) for v in per_class_total.tolist()]
+    return report
+
+
+def grid_correct(logits: dict[str, torch.Tensor], alphas: list[float], betas: list[float]) -> torch.Tensor:
+    """Correct top-1 counts of the mix for every (alpha, beta): float64 [len(alphas), len(betas)]."""
+    labels = logits["labels"].long()
+    counts = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
+    if not len(labels):
+        return counts
+    p_ce = F.softmax(logits["ce"], dim=-1)
+    for j, beta in enumerate(betas):
+        p_kd = F.softmax(logits["kd"] / beta, dim=-1)
+        for i, alpha in enumerate(alphas):
+            counts[i, j] = ((alpha * p_ce + (1 - alpha) * p_kd).argmax(-1) == labels).sum()
+    return counts
+
+
+def best_point(counts: torch.Tensor, alphas: list[float], betas: list[float]) -> tuple[float, float, float]:
+    """The (alpha, beta) with the most correct; ties go to the point nearest the paper's (0.5, 0.5)."""
+    best = counts.max().item()
+    candidates = [
+        (alphas[i], betas[j]) for i in range(len(alphas)) for j in range(len(betas)) if counts[i, j].item() == best
+    ]
+    a0, b0 = PAPER_ALPHA_BETA
+    alpha, beta = min(candidates, key=lambda p: (abs(p[0] - a0) + abs(math.log(p[1] / b0)), p))
+    return alpha, beta, best
+
+
+def refinement_grid(alpha: float, beta: float) -> tuple[list[float], list[float]]:
+    """A finer grid around a coarse optimum: alpha +-0.05 by 0.01, beta x 0.8..1.25."""
+    alphas = sorted({round(min(1.0, max(0.0, alpha + 0.01 * k)), 2) for k in range(-5, 6)})
+    betas = sorted({round(beta * f, 4) for f in (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25)})
+    return alphas, betas
+
+
+def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, batch_size: int, workers: int,
+                      device, autocast) -> dict[str, torch.Tensor]:
+    """Logits of a loaded student (released.LoadedStudent) on this process's share of `sample_ids`.
+
+    Each image shows the student's evaluation view (resize the shortest side, centre-crop), rendered
+    as in training; process r takes ids r, r + world, ...
+    """
+    from .pixels import Normalizer
+    from .train_data import FiniteIdStream, SampleTable, StudentBatches
+
+    table = SampleTable.from_manifest(manifest)
+    stream = FiniteIdStream(sample_ids, batch_size, rank, world)
+    dataset = StudentBatches(table, stream, loaded.preprocess.image_size, num_batches=stream.num_batches)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, stream.num_batches))
+    normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
+    return collect_logits(loaded.model.to(device), loader, normalize, autocast)

@@ -113,6 +113,36 @@ class Manifest:
                     )
 
 
+def scan_manifest(patterns: list[str], workers: int = 4, progress: bool = True) -> Manifest:
+    """Scan shards (paths, brace patterns, globs) into a manifest, several shards at a time.
+
+    Threads suffice: reading and hashing release the GIL.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from .shards import expand_shard_patterns, scan_shard
+
+    paths = expand_shard_patterns(list(patterns))
+    if not paths:
+        raise UserError("no shards given")
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise UserError(f"shard {absent[0]} does not exist{more}")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        scans = list(tqdm(pool.map(scan_shard, paths), total=len(paths), unit="shard", desc="manifest", disable=not progress))
+    return build_manifest([entry_from_scan(path, scan) for path, scan in zip(paths, scans)])
+
+
+def manifest_for_data(data: list[str], workers: int = 4) -> Manifest:
+    """`--data`: one manifest file (.json), or shards to scan on the fly."""
+    if len(data) == 1 and data[0].endswith(".json"):
+        return load_manifest(data[0])
+    return scan_manifest(data, workers, progress=False)
+
+
 def entry_from_scan(path: Path, scan: ShardScan) -> ShardEntry:
     has_labels = any(label is not None for label in scan.labels)
     exts = set(scan.image_exts)

@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .cache_store import TeacherCache
 from .errors import UserError
 from .manifest import Manifest
-from .views import VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, draw_views, render_view
+from .views import VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, describe_decode_error, draw_views, render_view
 
 SHARDS_PER_GROUP = 4  # unlabeled shards whose samples are shuffled together
 
@@ -334,7 +334,7 @@ class StudentBatches(IterableDataset):
             except Exception as error:
                 raise UserError(
                     f"shard {self.table.shard_names[self.table.shard[sample_id]]}, key {self.table.key(sample_id)!r}: "
-                    f"cannot decode the image ({type(error).__name__}: {error})"
+                    f"cannot decode the image ({describe_decode_error(error)})"
                 ) from None
         boxes, flips, target = self._views(sample_ids, epochs, images)
         batch = {

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .shards import image_field, iter_shard_samples
-from .views import ViewPolicy, decode_rgb, draw_views, render_view
+from .views import ViewPolicy, decode_rgb, describe_decode_error, draw_views, render_view
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ViewBatches(IterableDataset):
                 raise ValueError("no image member")
             image = decode_rgb(sample[field])
         except Exception as error:  # PIL raises many types for bad image bytes
-            reason = one_line(error)
+            reason = describe_decode_error(error)
             return {"position": position, "missing": True, "reason": reason, "key": key}
         boxes, flips = draw_views(self.policy, task.name, key, image.width, image.height)
         pixels = np.stack([render_view(image, boxes[v], flips[v], self.image_size) for v in range(len(boxes))])

@@ -150,6 +150,16 @@ def render_view(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int
     return np.asarray(view, dtype=np.uint8)
 
 
+def describe_decode_error(error: BaseException) -> str:
+    """One line for why image bytes did not decode (PIL's own messages name a BytesIO object)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not a recognised image format"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes fully (so corruption surfaces here, not later) and convert to RGB."""
     with Image.open(io.BytesIO(data)) as image:

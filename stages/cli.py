@@ -207,6 +207,94 @@ def train(recipe, manifest_path, split_path, **options):
         click.echo(f"run {settings['out']}: {state}; checkpoint {Path(settings['out']) / 'student.pt'}")
 
 
+def _student_options(command):
+    """Options every checkpoint-reading command shares."""
+    command = click.option("--classnames", type=PATH, help="Class names [default: the checkpoint's, or ImageNet's for 1000 classes]")(command)
+    command = click.option("--student", help="Architecture when the checkpoint does not record it: ViT-B-16, ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")(command)
+    return command
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=PATH, help="Student checkpoint (ours or a released one).")
+@click.option("--data", required=True, multiple=True, help="A manifest (.json) or shards; repeatable.")
+@_student_options
+@click.option("--alpha", type=float, help="Override the checkpoint's alpha.")
+@click.option("--beta", type=float, help="Override the checkpoint's beta.")
+@click.option("--batch-size", type=int, help="Images per batch and process. [default: 256]")
+@click.option("--workers", type=int, help="Data-loading processes. [default: 4]")
+@click.option("--device", help="Device. [default: this rank's GPU, else cpu]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(checkpoint, data, classnames, as_json, **options):
+    """Top-1/top-5, NLL and ECE of each head and of the mix; per-class counts."""
+    from stages import evaluate as stage
+
+    report = stage.run(stage.Config(checkpoint=checkpoint, data=tuple(data), classnames=classnames, **_given(**options)))
+    if _is_main_rank():
+        click.echo(json.dumps(report, indent=2) if as_json else stage.format_report(report))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=PATH, help="Student checkpoint (ours or a released one).")
+@click.argument("images", nargs=-1, required=True, type=PATH)
+@_student_options
+@click.option("--topk", type=int, help="Classes shown per image. [default: 5]")
+@click.option("--device", help="Device. [default: cuda if available, else cpu]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict(checkpoint, images, classnames, as_json, **options):
+    """Classify IMAGES with the checkpoint's alpha and beta (the model card's inference path)."""
+    from stages import predict as stage
+
+    results = stage.run(stage.Config(checkpoint=checkpoint, images=tuple(images), classnames=classnames, **_given(**options)))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        click.echo(result["image"])
+        for p in result["predictions"]:
+            click.echo(f"  {p['class']:>5}  {p['probability']:7.4f}  {p['name']}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=PATH, help="Student checkpoint.")
+@click.option("--data", required=True, multiple=True, help="Held-out data: a manifest (.json) or shards; repeatable.")
+@click.option("--split", "split_path", type=PATH, help="Calibrate on this split's held-out images of --data.")
+@click.option("--out", required=True, type=PATH, help="Calibrated checkpoint to write.")
+@click.option("--allow-overlap", is_flag=True, default=None, help="Accept images the student was trained on as labeled.")
+@_student_options
+@click.option("--batch-size", type=int, help="Images per batch and process. [default: 256]")
+@click.option("--workers", type=int, help="Data-loading processes. [default: 4]")
+@click.option("--device", help="Device. [default: this rank's GPU, else cpu]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
+def calibrate(checkpoint, data, split_path, out, classnames, **options):
+    """Choose alpha and beta on held-out labeled data; write a calibrated checkpoint."""
+    from stages import calibrate as stage
+
+    report = stage.run(stage.Config(checkpoint=checkpoint, data=tuple(data), split=split_path, out=out,
+                                    classnames=classnames, **_given(**options)))
+    if _is_main_rank():
+        acc = report["accuracy"]
+        click.echo(
+            f"alpha {report['alpha']:g}, beta {report['beta']:g} on {report['samples']} held-out images: top-1 "
+            f"CE {100 * acc['ce']:.2f}%, KD {100 * acc['kd']:.2f}%, mix {100 * acc['mix']:.2f}% "
+            f"(alpha = beta = 0.5: {100 * report['paper_setting']['accuracy']:.2f}%)\n"
+            f"wrote {out}, {out}.calibration.json and {out}.calibration.png"
+        )
+
+
+@main.command()
+@click.argument("checkpoint", type=PATH)
+@click.option("--format", "format_", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
+@click.option("--out", type=PATH, help="Weights file to write. [default: CHECKPOINT with .safetensors]")
+@_student_options
+def export(checkpoint, format_, out, classnames, student):
+    """Write a checkpoint's weights as safetensors plus a JSON of alpha, beta, classes and architecture."""
+    from stages import export as stage
+
+    result = stage.run(stage.Config(checkpoint=checkpoint, format=format_, **_given(out=out, classnames=classnames, student=student)))
+    click.echo(f"wrote {result['weights']} and {result['description']}")
+
+
 @main.group()
 def cache():
     """Inspect a teacher cache: info, verify, dump."""

@@ -3,17 +3,13 @@
     dho-pipeline manifest 'data/train-{000000..001023}.tar' --out manifests/imagenet-train.json
 
 Each shard is read once, start to end: its keys, labels (`.cls`, or a `.json` member's "label"), where
-each image's bytes lie, and the file's sha256. Shards are scanned in parallel threads (reading and
-hashing release the GIL).
+each image's bytes lie, and the file's sha256. Shards are scanned in parallel threads.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-from dho_pipeline.errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,20 +20,8 @@ class Config:
 
 
 def run(config: Config):
-    from tqdm import tqdm
+    from dho_pipeline.manifest import save_manifest, scan_manifest
 
-    from dho_pipeline.manifest import build_manifest, entry_from_scan, save_manifest
-    from dho_pipeline.shards import expand_shard_patterns, scan_shard
-
-    paths = expand_shard_patterns(list(config.shards))
-    if not paths:
-        raise UserError("no shards given")
-    absent = [p for p in paths if not p.is_file()]
-    if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise UserError(f"shard {absent[0]} does not exist{more}")
-    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
-        scans = list(tqdm(pool.map(scan_shard, paths), total=len(paths), unit="shard", desc="manifest"))
-    manifest = build_manifest([entry_from_scan(path, scan) for path, scan in zip(paths, scans)])
+    manifest = scan_manifest(list(config.shards), config.workers)
     save_manifest(manifest, Path(config.out))
     return manifest

@@ -209,7 +209,7 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
     if config.objective != "ce":
         unlabeled_stream = IdStream(unlabeled_order(table, unlabeled, config.seed, rank, world), micro_batch)
         streams["unlabeled"] = loader(unlabeled_stream, ShardRows(cache, table, temperature), positions["unlabeled"])
-    return streams, counts
+    return streams, counts, table, labeled
 
 
 def run(config: Config) -> dict:
@@ -279,10 +279,12 @@ def run(config: Config) -> dict:
 
     # ---- data -------------------------------------------------------------------------------------
     micro_batch = _plan(config, split.num_unlabeled, accelerator.num_processes).micro_batch
-    streams, counts = _streams(config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions)
+    streams, counts, table, labeled_ids = _streams(
+        config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions
+    )
     plan = _plan(config, counts["unlabeled"], accelerator.num_processes)
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
-    evaluation = _evaluator(config, accelerator, student, normalize, student_size)
+    evaluation = _evaluator(config, accelerator, student, normalize, student_size, cache.spec.classnames)
     if accelerator.is_main_process:
         log.info(
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
@@ -368,6 +370,8 @@ def run(config: Config) -> dict:
             "config": config.to_json(), "cache_fingerprint": _cache_fingerprint(cache),
             "manifest_fingerprint": manifest.fingerprint, "split_fingerprint": split.fingerprint,
             "steps": step, "finished": finished, "calibrated_on": None,
+            # so that `calibrate` can refuse data the student was trained on
+            "labeled_keys": sorted(table.key(int(i)) for i in labeled_ids),
         }
         acc = last_eval["mix"] if last_eval else None
         save_release_checkpoint(out / "student.pt", accelerator.unwrap_model(student).state_dict(),
@@ -420,21 +424,22 @@ def _losses(config: Config, student, batches: dict, normalize) -> dict:
     return losses
 
 
-def _evaluator(config: Config, accelerator, student, normalize, student_size):
+def _evaluator(config: Config, accelerator, student, normalize, student_size, cache_classnames):
     """A function that evaluates on --eval-data (each sample once across ranks), or None."""
     if config.eval_data is None:
         return None
     import torch
 
-    from dho_pipeline.evaluation import collect_logits, head_accuracies
+    from dho_pipeline.evaluation import collect_logits, finish_statistics, sufficient_statistics
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.train_data import FiniteIdStream, SampleTable, StudentBatches
 
     eval_manifest = load_manifest(config.eval_data)
     eval_manifest.check_files()
     table = SampleTable.from_manifest(eval_manifest)
-    if (table.label < 0).any():
-        raise UserError(f"--eval-data {config.eval_data}: every sample needs a label")
+    num_classes = len(cache_classnames)
+    if (table.label < 0).any() or (table.label >= num_classes).any():
+        raise UserError(f"--eval-data {config.eval_data}: every sample needs a label in 0..{num_classes - 1}")
     stream = FiniteIdStream(torch.arange(len(table.label)).numpy(), config.eval_batch_size,
                             accelerator.process_index, accelerator.num_processes)
 
@@ -442,13 +447,9 @@ def _evaluator(config: Config, accelerator, student, normalize, student_size):
         dataset = StudentBatches(table, stream, student_size, num_batches=stream.num_batches)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(config.workers, stream.num_batches))
         logits = collect_logits(student, loader, normalize, accelerator.autocast)
-        accuracy = head_accuracies(logits)
-        # Sum correct counts over ranks: every sample counted exactly once.
-        n = len(logits["labels"])
-        counts = torch.tensor([accuracy[k] * n for k in ("ce", "kd", "mix")] + [n], device=accelerator.device)
-        counts = accelerator.reduce(counts, reduction="sum")
-        total = max(1.0, counts[-1].item())
-        return {"ce": counts[0].item() / total, "kd": counts[1].item() / total, "mix": counts[2].item() / total,
-                "samples": int(total)}
+        # Sums over ranks: every sample counted exactly once.
+        stats = sufficient_statistics(logits, 0.5, 0.5, num_classes).to(accelerator.device)
+        report = finish_statistics(accelerator.reduce(stats, reduction="sum"), num_classes)
+        return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
 
     return evaluate

@@ -1,0 +1,153 @@
+"""Choose the head mix (alpha, beta) on held-out labeled data, and write a calibrated checkpoint.
+
+    dho-pipeline calibrate --checkpoint runs/b16/student.pt --data data/train.json --split data/1pct.json \
+        --out runs/b16/student-calibrated.pt
+
+p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta). The search covers the reference grid
+(alpha 0, 0.05, ..., 1 x beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4}), then a finer grid around the best
+point; ties go to the point nearest the paper's alpha = beta = 0.5. Only held-out data is used: the
+split's `--holdout` images, or shards the user names. Data that overlaps the checkpoint's training
+labeled set is refused unless --allow-overlap (the reference tuned alpha/beta on the very set it
+reported as test; this tool does not).
+
+Beside the output checkpoint: `<out>.calibration.json` (the grids) and `<out>.calibration.png`
+(the coarse grid as a heatmap).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dho_pipeline.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    checkpoint: Path
+    data: tuple[str, ...]  # a manifest (.json) or shards
+    out: Path
+    split: Path | None = None  # use this split's held-out images of the --data manifest
+    allow_overlap: bool = False  # accept calibration images that were in the training labeled set
+    student: str | None = None
+    classnames: Path | None = None
+    batch_size: int = 256
+    workers: int = 4
+    device: str | None = None
+    precision: str | None = None
+
+
+def _calibration_ids(config: Config, manifest):
+    """Sample ids (manifest order) to calibrate on, and a description of where they come from."""
+    import numpy as np
+
+    if config.split is None:
+        return np.arange(manifest.num_samples), {"data": [str(d) for d in config.data]}
+    from dho_pipeline.split import load_split
+    from dho_pipeline.train_data import SampleTable
+
+    split = load_split(config.split)
+    split.check_manifest(manifest, where=f"split {config.split}")
+    ids = SampleTable.from_manifest(manifest).ids_of(split.holdout_mask(manifest))
+    if len(ids) == 0:
+        raise UserError(f"split {config.split} holds no held-out images; draw it with --holdout N")
+    return ids, {"data": [str(d) for d in config.data], "split": str(config.split), "split_fingerprint": split.fingerprint}
+
+
+def _check_overlap(config: Config, loaded, manifest, ids) -> int:
+    """How many calibration images were training labeled images; refuse any unless allowed."""
+    labeled = set((loaded.checkpoint.get("dho_pipeline") or {}).get("labeled_keys") or [])
+    keys = [key for shard in manifest.shards for key in shard.keys]
+    overlap = [keys[i] for i in ids if keys[i] in labeled]
+    if overlap and not config.allow_overlap:
+        raise UserError(
+            f"{len(overlap)} of the {len(ids)} calibration images were in the checkpoint's training labeled set "
+            f"(e.g. {overlap[0]!r}); calibrate on held-out data (split --holdout), or pass --allow-overlap"
+        )
+    return len(overlap)
+
+
+def run(config: Config) -> dict:
+    import torch
+
+    from dho_pipeline.checkpoints import save_release_checkpoint, strip_module_prefix
+    from dho_pipeline.evaluation import (
+        ALPHA_GRID, BETA_GRID, best_point, finish_statistics, grid_correct, refinement_grid, student_logits_on,
+        sufficient_statistics,
+    )
+    from dho_pipeline.hashing import fingerprint_json
+
+    from .common import autocast
+    from .evaluate import load_inputs, reduce_sum
+
+    loaded, manifest, state, device, precision = load_inputs(config)
+    ids, source = _calibration_ids(config, manifest)
+    overlap = _check_overlap(config, loaded, manifest, ids)
+    logits = student_logits_on(
+        loaded, manifest, ids, rank=state.process_index, world=state.num_processes, batch_size=config.batch_size,
+        workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
+    )
+    total = int(reduce_sum(state, torch.tensor([float(len(logits["labels"]))]))[0])
+
+    coarse = reduce_sum(state, grid_correct(logits, ALPHA_GRID, BETA_GRID))
+    alpha, beta, _ = best_point(coarse, ALPHA_GRID, BETA_GRID)
+    fine_alphas, fine_betas = refinement_grid(alpha, beta)
+    fine = reduce_sum(state, grid_correct(logits, fine_alphas, fine_betas))
+    alpha, beta, correct = best_point(fine, fine_alphas, fine_betas)
+
+    num_classes = len(loaded.classnames)
+    chosen = finish_statistics(reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes)), num_classes)
+    paper = finish_statistics(reduce_sum(state, sufficient_statistics(logits, 0.5, 0.5, num_classes)), num_classes)
+    keys = [key for shard in manifest.shards for key in shard.keys]
+    calibrated_on = {**source, "samples": total, "overlap_with_training_labels": overlap,
+                     "fingerprint": fingerprint_json(sorted(keys[i] for i in ids))}
+    report = {
+        "alpha": alpha, "beta": beta, "samples": total, "calibrated_on": calibrated_on,
+        "accuracy": {head: chosen[head]["top1"] for head in ("ce", "kd", "mix")},
+        "nll": {head: chosen[head]["nll"] for head in ("ce", "kd", "mix")},
+        "ece": {head: chosen[head]["ece"] for head in ("ce", "kd", "mix")},
+        "paper_setting": {"alpha": 0.5, "beta": 0.5, "accuracy": paper["mix"]["top1"]},
+        "coarse_grid": {"alphas": ALPHA_GRID, "betas": BETA_GRID, "accuracy": (coarse / max(1, total)).tolist()},
+        "fine_grid": {"alphas": fine_alphas, "betas": fine_betas, "accuracy": (fine / max(1, total)).tolist()},
+    }
+    if state.is_main_process:
+        checkpoint = loaded.checkpoint
+        meta = dict(checkpoint.get("dho_pipeline") or {})
+        meta["calibrated_on"] = calibrated_on
+        save_release_checkpoint(
+            config.out, strip_module_prefix(checkpoint["model_state_dict"]), epoch=checkpoint.get("epoch", 0),
+            acc=correct / max(1, total), alpha=alpha, beta=beta, metadata=meta,
+        )
+        out = Path(config.out)
+        out.with_name(out.name + ".calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+        save_heatmap(report, out.with_name(out.name + ".calibration.png"))
+    return report
+
+
+def save_heatmap(report: dict, path: Path) -> None:
+    """The coarse alpha x beta accuracy grid, with the chosen point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = report["coarse_grid"]
+    accuracy = 100 * np.array(grid["accuracy"])
+    figure, axes = plt.subplots(figsize=(6, 7))
+    image = axes.imshow(accuracy, aspect="auto", cmap="viridis", origin="lower")
+    axes.set_xticks(range(len(grid["betas"])), [f"{b:g}" for b in grid["betas"]])
+    axes.set_yticks(range(0, len(grid["alphas"]), 2), [f"{a:g}" for a in grid["alphas"][::2]])
+    axes.set_xlabel("beta (KD-head temperature)")
+    axes.set_ylabel("alpha (weight of the CE head)")
+    axes.set_title(f"top-1 on {report['samples']} held-out images\nchosen alpha={report['alpha']:g}, beta={report['beta']:g}")
+    best_row = int(np.argmin([abs(a - report["alpha"]) for a in grid["alphas"]]))
+    best_col = int(np.argmin([abs(b - report["beta"]) for b in grid["betas"]]))
+    axes.plot(best_col, best_row, marker="*", color="white", markersize=14)
+    figure.colorbar(image, ax=axes, label="top-1 (%)")
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    temporary.replace(path)

@@ -1,0 +1,99 @@
+"""Evaluate a student checkpoint: top-1/top-5, NLL and calibration error of each head and of the mix.
+
+    dho-pipeline evaluate --checkpoint runs/b16/student.pt --data data/imagenet-val.json [--json]
+    torchrun --nproc_per_node 8 --no-python dho-pipeline evaluate ...   # each sample counted once
+
+Released checkpoints (vit_b_1.pt, ...) work too; `--student` names their architecture if needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dho_pipeline.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    checkpoint: Path
+    data: tuple[str, ...]  # a manifest (.json) or shards
+    student: str | None = None  # architecture, when the checkpoint does not record it
+    classnames: Path | None = None  # default: the checkpoint's, or ImageNet's for 1000 classes
+    alpha: float | None = None  # default: the checkpoint's
+    beta: float | None = None
+    batch_size: int = 256  # per process
+    workers: int = 4
+    device: str | None = None
+    precision: str | None = None
+
+
+def load_inputs(config):
+    """The student, its evaluation data, and this process's device and precision."""
+    from dho_pipeline.manifest import manifest_for_data
+    from dho_pipeline.released import load_student
+    from dho_pipeline.textlists import read_classnames
+
+    from .common import process_state, resolve_device, resolve_precision
+
+    manifest = manifest_for_data(list(config.data), config.workers)
+    manifest.check_files()
+    classnames = read_classnames(config.classnames) if config.classnames else None
+    loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
+    manifest.check_labels(len(loaded.classnames), required=True)
+    state = process_state(config.device)
+    device = resolve_device(config.device, state.device)
+    return loaded, manifest, state, device, resolve_precision(config.precision, device)
+
+
+def reduce_sum(state, tensor):
+    """Sum a tensor over all processes (no-op alone)."""
+    if state.num_processes == 1:
+        return tensor
+    from accelerate.utils import reduce
+
+    return reduce(tensor.to(state.device), reduction="sum").cpu()
+
+
+def run(config: Config) -> dict:
+    import numpy as np
+
+    from dho_pipeline.evaluation import finish_statistics, student_logits_on, sufficient_statistics
+
+    from .common import autocast
+
+    loaded, manifest, state, device, precision = load_inputs(config)
+    alpha = loaded.alpha if config.alpha is None else config.alpha
+    beta = loaded.beta if config.beta is None else config.beta
+    if not 0 <= alpha <= 1 or beta <= 0:
+        raise UserError("--alpha must lie in [0, 1] and --beta be positive")
+    logits = student_logits_on(
+        loaded, manifest, np.arange(manifest.num_samples), rank=state.process_index, world=state.num_processes,
+        batch_size=config.batch_size, workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
+    )
+    num_classes = len(loaded.classnames)
+    stats = reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes))
+    report = finish_statistics(stats, num_classes)
+    report.update({"checkpoint": str(config.checkpoint), "architecture": loaded.architecture, "alpha": alpha,
+                   "beta": beta, "classnames": loaded.classnames})
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"checkpoint  {report['checkpoint']} ({report['architecture']}; alpha {report['alpha']:g}, beta {report['beta']:g})",
+        f"samples     {report['samples']}",
+        "",
+        f"{'head':<6}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>8}",
+    ]
+    for head, label in (("ce", "CE"), ("kd", "KD"), ("mix", "mix")):
+        r = report[head]
+        lines.append(f"{label:<6}{100 * r['top1']:>7.2f}%{100 * r['top5']:>7.2f}%{r['nll']:>8.3f}{r['ece']:>8.3f}")
+    totals = report["per_class_total"]
+    per_class = [
+        (c / t, name, c, t) for name, c, t in zip(report["classnames"], report["mix"]["per_class_correct"], totals) if t
+    ]
+    lines += ["", "per class (mix), lowest first:"]
+    for accuracy, name, correct, total in sorted(per_class)[:10]:
+        lines.append(f"  {name:<28}{correct:>6} / {total:<6}{100 * accuracy:6.1f}%")
+    return "\n".join(lines)

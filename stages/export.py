@@ -1,0 +1,50 @@
+"""Export a student checkpoint's weights as safetensors, with a JSON of everything else needed to use it.
+
+    dho-pipeline export runs/b16/student-calibrated.pt --format safetensors [--out model.safetensors]
+
+Writes `<out>` (the state dict: backbone.*, ce_head.*, kd_head.*) and `<out minus suffix>.json`:
+architecture (open_clip model name), preprocessing, alpha, beta and the class names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dho_pipeline.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    checkpoint: Path
+    out: Path | None = None  # default: the checkpoint's path with .safetensors
+    format: str = "safetensors"
+    student: str | None = None
+    classnames: Path | None = None
+
+
+def run(config: Config) -> dict:
+    from safetensors.torch import save_file
+
+    from dho_pipeline.released import load_student
+    from dho_pipeline.textlists import read_classnames
+
+    if config.format != "safetensors":
+        raise UserError(f"--format {config.format!r} is not supported; use safetensors")
+    classnames = read_classnames(config.classnames) if config.classnames else None
+    loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
+    out = Path(config.out) if config.out else Path(config.checkpoint).with_suffix(".safetensors")
+    sidecar = out.with_suffix(".json")
+    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+    temporary = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(temporary), metadata={"format": "dho-pipeline-student"})
+    temporary.replace(out)
+    description = {
+        "format": "dho-pipeline-student", "version": 1, "architecture": loaded.architecture,
+        "preprocess": loaded.preprocess.to_json(), "alpha": loaded.alpha, "beta": loaded.beta,
+        "classnames": loaded.classnames, "weights": out.name,
+        "inference": "p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax(100 * kd_head(f / |f|) / beta)",
+    }
+    sidecar.write_text(json.dumps(description, indent=2) + "\n")
+    return {"weights": str(out), "description": str(sidecar)}

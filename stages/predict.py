@@ -1,0 +1,71 @@
+"""Classify image files with a student checkpoint: the model card's inference path.
+
+    dho-pipeline predict --checkpoint vit_b_10.pt photo.jpg [more.png ...] [--topk 5] [--json]
+
+Each image: resize the shortest side and centre-crop to the student's input (bicubic), CLIP mean/std,
+both heads, combined with the checkpoint's alpha and beta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dho_pipeline.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    checkpoint: Path
+    images: tuple[Path, ...]
+    topk: int = 5
+    student: str | None = None
+    classnames: Path | None = None
+    device: str | None = None
+
+
+def run(config: Config) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.released import load_student
+    from dho_pipeline.student import combine_heads
+    from dho_pipeline.textlists import read_classnames
+    from dho_pipeline.views import (
+        VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, describe_decode_error, draw_views, render_view,
+    )
+
+    # Every image is read and decoded before anything is printed: a bad one stops the run cleanly.
+    images = []
+    for path in config.images:
+        try:
+            images.append(decode_rgb(Path(path).read_bytes()))
+        except FileNotFoundError:
+            raise UserError(f"image {path} does not exist") from None
+        except Exception as error:
+            raise UserError(f"image {path} cannot be decoded ({describe_decode_error(error)})") from None
+    classnames = read_classnames(config.classnames) if config.classnames else None
+    loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    center = ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE)
+    pixels = np.stack([
+        render_view(image, draw_views(center, "", "", *image.size)[0][0], False, loaded.preprocess.image_size)
+        for image in images
+    ])
+    normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
+    with torch.no_grad():
+        ce_logits, kd_logits = loaded.model.to(device)(normalize(torch.from_numpy(pixels)))
+    probabilities = combine_heads(ce_logits, kd_logits, loaded.alpha, loaded.beta).cpu()
+    k = min(config.topk, probabilities.shape[-1])
+    results = []
+    for path, row in zip(config.images, probabilities):
+        top = row.topk(k)
+        results.append({
+            "image": str(path),
+            "predictions": [
+                {"class": int(i), "name": loaded.classnames[int(i)], "probability": float(p)}
+                for p, i in zip(top.values, top.indices)
+            ],
+        })
+    return results

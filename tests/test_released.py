@@ -1,0 +1,276 @@
+"""calibrate / evaluate / predict / export, released-checkpoint compatibility, and safe loading."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from conftest import BIN, cache_args, cli, image_bytes, random_image, run_command, write_lists, write_shards
+from PIL import Image
+from torch import nn
+
+from dho_pipeline.evaluation import best_point
+from dho_pipeline.released import detect_architecture, load_student
+
+
+# ---- a released-format checkpoint, built the model card's way with OpenAI's CLIP code ----------------
+
+
+def openai_clip_model_module():
+    """OpenAI's `clip/model.py` (PyPI openai-clip), loaded without its package __init__, which needs the
+    long-gone pkg_resources and downloads nothing we want here."""
+    spec = importlib.util.find_spec("clip")
+    path = os.path.join(spec.submodule_search_locations[0], "model.py")
+    module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+class CardStudentModel(nn.Module):
+    """The model card's StudentModel; `clip.load` is replaced by OpenAI's CLIP class, random weights."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        clip_model = openai_clip_model_module().CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)  # ViT-B/16
+        self.backbone = clip_model.float().visual
+        self.ce_head = nn.Linear(512, num_classes)
+        self.kd_head = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        features = self.backbone(x)
+        return self.ce_head(features), self.kd_head(F.normalize(features, dim=1)) * 100
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    model = CardStudentModel().eval()
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}  # as saved from DDP
+    torch.save({"model_state_dict": state, "epoch": 31, "acc": 81.6, "alpha": 0.4, "beta": 1.25}, root / "vit_b_1.pt")
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(root / "val-000000.tar")) as writer:
+        for i in range(6):
+            writer.write({"__key__": f"val{i}", "jpg": image_bytes(random_image(rng, 300 + 20 * i, 240), "JPEG"),
+                          "cls": int(rng.integers(0, 1000))})
+    images = []
+    for i in range(2):
+        path = root / f"photo{i}.png"
+        random_image(rng, 256, 320).save(path)
+        images.append(path)
+    return {"root": root, "model": model, "checkpoint": root / "vit_b_1.pt", "shard": root / "val-000000.tar",
+            "images": images}
+
+
+def card_probabilities(model, pixels: np.ndarray, alpha: float, beta: float) -> torch.Tensor:
+    """The model card's inference code on already-preprocessed uint8 pixels."""
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        ce_logits, kd_logits = model(x)
+    return alpha * F.softmax(ce_logits, dim=1) + (1 - alpha) * F.softmax(kd_logits / beta, dim=1)
+
+
+def student_view(image: Image.Image) -> np.ndarray:
+    from dho_pipeline.views import VIEW0_CENTER_SQUARE, ViewPolicy, draw_views, render_view
+
+    box = draw_views(ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE), "", "", *image.size)[0][0]
+    return render_view(image, box, False, (224, 224))
+
+
+def test_released_checkpoint_predicts_as_the_model_card_computes(released):
+    result = cli("predict", "--checkpoint", released["checkpoint"], *released["images"], "--json", "--topk", "3")
+    predictions = json.loads(result.stdout)
+    pixels = np.stack([student_view(Image.open(p).convert("RGB")) for p in released["images"]])
+    expected = card_probabilities(released["model"], pixels, 0.4, 1.25)
+    for row, card in zip(predictions, expected):
+        top = card.topk(3)
+        assert [p["class"] for p in row["predictions"]] == top.indices.tolist()
+        assert np.allclose([p["probability"] for p in row["predictions"]], top.values.numpy(), atol=1e-5)
+        assert row["predictions"][0]["name"] == open("manifests/imagenet_classnames.txt").read().splitlines()[2 + top.indices[0]]
+    # Our centre view is the usual CLIP preprocessing (resize shortest side, centre crop, bicubic).
+    from torchvision.transforms import v2
+
+    clip_preprocess = v2.Compose([v2.Resize(224, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(224)])
+    image = Image.open(released["images"][0]).convert("RGB")
+    reference = np.asarray(clip_preprocess(image)).astype(int)
+    assert np.abs(student_view(image).astype(int) - reference).mean() < 3
+
+
+def test_released_checkpoint_evaluates_as_the_model_card_computes(released):
+    report = json.loads(cli("evaluate", "--checkpoint", released["checkpoint"], "--data", released["shard"],
+                            "--json", "--workers", "0").stdout)
+    samples = list(wds.WebDataset(str(released["shard"]), shardshuffle=False))
+    pixels = np.stack([student_view(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples])
+    labels = torch.tensor([int(s["cls"]) for s in samples])
+    card = card_probabilities(released["model"], pixels, 0.4, 1.25)
+    assert report["samples"] == 6 and report["alpha"] == 0.4 and report["beta"] == 1.25
+    assert report["mix"]["top1"] == pytest.approx((card.argmax(1) == labels).float().mean().item())
+    in_top5 = (card.topk(5).indices == labels[:, None]).any(1).float().mean().item()
+    assert report["mix"]["top5"] == pytest.approx(in_top5)
+    nll = -torch.log(card.gather(1, labels[:, None])).mean().item()
+    assert report["mix"]["nll"] == pytest.approx(nll, rel=1e-4)
+    assert sum(report["per_class_total"]) == 6
+
+
+def test_architecture_is_read_off_the_weights_and_quickgelu_matters(released):
+    state = torch.load(released["checkpoint"], weights_only=True)["model_state_dict"]
+    assert detect_architecture({k.replace("module.", ""): v for k, v in state.items()}) == "ViT-B-16"
+    loaded = load_student(released["checkpoint"], student="ViT-B-16")
+    assert loaded.architecture == "ViT-B-16-quickgelu"
+    # open_clip's plain "ViT-B-16" (GELU) takes the same weights without complaint ...
+    from dho_pipeline.clip_models import load_clip
+
+    gelu = load_clip("ViT-B-16", "none").model.visual
+    gelu.load_state_dict({k[len("backbone."):]: v for k, v in loaded.model.state_dict().items() if k.startswith("backbone.")})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours, card = loaded.model.backbone(x), released["model"].backbone(x)
+        wrong = gelu.eval()(x)
+    assert torch.allclose(ours, card, atol=1e-4)
+    assert (wrong - card).abs().max() > 10 * (ours - card).abs().max()  # ... and silently answers differently
+
+
+def test_export_writes_safetensors_and_a_description(released, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    cli("export", released["checkpoint"], "--format", "safetensors", "--out", out)
+    weights = load_file(str(out))
+    expected = released["model"].state_dict()
+    assert set(weights) == set(expected) and all(torch.equal(weights[k], expected[k]) for k in expected)
+    description = json.loads(out.with_suffix(".json").read_text())
+    assert description["alpha"] == 0.4 and description["beta"] == 1.25 and len(description["classnames"]) == 1000
+    assert description["architecture"] == "ViT-B-16-quickgelu"
+
+
+# ---- calibration on our own runs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrate")
+    write_shards(root / "shards", num_shards=3, per_shard=20)
+    classes, templates = write_lists(root)
+    cli("manifest", str(root / "shards" / "*.tar"), "--out", root / "m.json")
+    data = {"manifest": root / "m.json", "classes": classes, "templates": templates}
+    cli(*cache_args(data, root / "c.zarr", "--views", "2"))
+    cli("split", "--manifest", root / "m.json", "--percent", "20", "--holdout", "2", "--out", root / "s.json")
+    cli("train", "--cache", root / "c.zarr", "--manifest", root / "m.json", "--split", root / "s.json",
+        "--out", root / "run", "--student", "dho-tiny-student", "--pretrained", "none", "--epochs", "2",
+        "--batch-size", "8", "--workers", "0")
+    return {"root": root, "checkpoint": root / "run" / "student.pt", "manifest": root / "m.json", "split": root / "s.json"}
+
+
+def test_calibrate_on_held_out_images(run, tmp_path):
+    out = tmp_path / "calibrated.pt"
+    result = cli("calibrate", "--checkpoint", run["checkpoint"], "--data", run["manifest"], "--split", run["split"],
+                 "--out", out, "--workers", "0")
+    assert "on 10 held-out images" in result.output
+    checkpoint = torch.load(out, weights_only=True)
+    report = json.loads((tmp_path / "calibrated.pt.calibration.json").read_text())
+    assert checkpoint["alpha"] == report["alpha"] and checkpoint["beta"] == report["beta"]
+    assert checkpoint["acc"] == pytest.approx(report["accuracy"]["mix"])
+    assert checkpoint["dho_pipeline"]["calibrated_on"]["samples"] == 10
+    assert checkpoint["dho_pipeline"]["calibrated_on"]["split_fingerprint"].startswith("sha256:")
+    coarse = np.array(report["coarse_grid"]["accuracy"])
+    assert coarse.shape == (21, 7) and report["accuracy"]["mix"] >= coarse.max() - 1e-9
+    assert report["accuracy"]["mix"] >= report["paper_setting"]["accuracy"] - 1e-9
+    assert {"ce", "kd", "mix"} == set(report["nll"]) == set(report["ece"])
+    assert (tmp_path / "calibrated.pt.calibration.png").stat().st_size > 1000
+    # The calibrated checkpoint is what evaluate and predict then use.
+    evaluated = json.loads(cli("evaluate", "--checkpoint", out, "--data", run["manifest"], "--json", "--workers", "0").stdout)
+    assert evaluated["alpha"] == report["alpha"]
+
+
+def test_calibrate_refuses_training_images(run, tmp_path):
+    out = tmp_path / "x.pt"
+    result = cli("calibrate", "--checkpoint", run["checkpoint"], "--data", run["manifest"], "--out", out, expect_exit=1)
+    assert "were in the checkpoint's training labeled set" in result.output and not out.exists()
+    cli("calibrate", "--checkpoint", run["checkpoint"], "--data", run["manifest"], "--out", out, "--allow-overlap",
+        "--workers", "0")
+    assert torch.load(out, weights_only=True)["dho_pipeline"]["calibrated_on"]["overlap_with_training_labels"] > 0
+
+
+def test_ties_go_to_the_papers_setting():
+    counts = torch.zeros(21, 7)
+    counts[:, :] = 5
+    alphas = [round(0.05 * i, 2) for i in range(21)]
+    assert best_point(counts, alphas, [0.5, 0.75, 1, 1.25, 1.5, 2, 4])[:2] == (0.5, 0.5)
+    counts[3, 6] = 6
+    assert best_point(counts, alphas, [0.5, 0.75, 1, 1.25, 1.5, 2, 4])[:2] == (0.15, 4)
+
+
+@pytest.mark.slow
+def test_evaluate_counts_every_sample_once_across_processes(run, tmp_path):
+    single = json.loads(cli("evaluate", "--checkpoint", run["checkpoint"], "--data", run["manifest"], "--json",
+                            "--workers", "0", "--batch-size", "7").stdout)
+    result = run_command(BIN / "torchrun", "--nproc_per_node", "2", "--no-python", BIN / "dho-pipeline", "evaluate",
+                         "--checkpoint", run["checkpoint"], "--data", run["manifest"], "--json", "--workers", "0",
+                         "--batch-size", "7", env={"OMP_NUM_THREADS": "1"})
+    double = json.loads(result.stdout)
+    assert double["samples"] == single["samples"] == 60
+    for head in ("ce", "kd", "mix"):
+        assert double[head]["top1"] == pytest.approx(single[head]["top1"])
+        assert double[head]["per_class_correct"] == single[head]["per_class_correct"]
+        assert double[head]["nll"] == pytest.approx(single[head]["nll"], rel=1e-4)
+
+
+# ---- safe loading and bad input -------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this would create a file: the code must never run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "calibrate", "export"])
+def test_checkpoints_with_code_are_refused_and_the_code_never_runs(run, tmp_path, command):
+    marker = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "alpha": 0.5, "beta": 0.5, "payload": _Payload(str(marker))}, evil)
+    image = tmp_path / "x.png"
+    random_image(np.random.default_rng(0), 40, 40).save(image)
+    args = {
+        "predict": ["predict", "--checkpoint", evil, image],
+        "evaluate": ["evaluate", "--checkpoint", evil, "--data", run["manifest"]],
+        "calibrate": ["calibrate", "--checkpoint", evil, "--data", run["manifest"], "--out", tmp_path / "o.pt"],
+        "export": ["export", evil],
+    }[command]
+    result = cli(*args, expect_exit=1)
+    assert "holds pickled objects that could run code, refused" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_bad_checkpoint_and_image_inputs(run, tmp_path):
+    result = cli("predict", "--checkpoint", tmp_path / "none.pt", tmp_path / "x.png", expect_exit=1)
+    assert "does not exist" in result.output
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    result = cli("predict", "--checkpoint", run["checkpoint"], tmp_path / "broken.png", expect_exit=1)
+    assert "broken.png cannot be decoded" in result.output
+    classes, _ = write_lists(tmp_path / "c", classnames=["a", "b", "c"])
+    result = cli("evaluate", "--checkpoint", run["checkpoint"], "--data", run["manifest"], "--classnames", classes,
+                 expect_exit=1)
+    assert "5-class heads but the class list given has 3 names" in result.output
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    result = cli("export", tmp_path / "garbage.pt", "--out", tmp_path / "g.safetensors", expect_exit=1)
+    assert "garbage.pt" in result.output and not (tmp_path / "g.safetensors").exists()
+    torch.save({"model_state_dict": {"ce_head.weight": torch.zeros(5, 48)}}, tmp_path / "headless.pt")
+    result = cli("export", tmp_path / "headless.pt", expect_exit=1)
+    assert "lacks the dual heads" in result.output
