@@ -37,7 +37,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .cache_store import TeacherCache
 from .errors import UserError
 from .manifest import Manifest
-from .views import VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, describe_decode_error, draw_views, render_view
+from .views import (
+    VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, describe_decode_error, draw_view, draw_views, render_view,
+)
 
 SHARDS_PER_GROUP = 4  # unlabeled shards whose samples are shuffled together
 
@@ -282,16 +284,17 @@ class _ImageReader:
 class StudentBatches(IterableDataset):
     """Batches of student views (uint8 HWC) with labels and, when `rows` is given, teacher targets.
 
-    Without `rows` (evaluation, or a teacher run online), each image shows its centred square, the
-    student's own evaluation view; `extra_sizes` renders the same view at more sizes (an online
-    teacher's input) under "pixels_<h>".
+    With `rows` each sample shows a cached view; with `online_views`, a fresh view per stream epoch
+    (for a teacher run online); with neither, its centred square, the student's evaluation view.
+    `extra_sizes` renders the same views at more sizes (an online teacher's input) as "pixels_<h>".
     """
 
     def __init__(self, table: SampleTable, stream, image_size: tuple[int, int], *, rows=None, num_views: int = 1,
-                 first_batch: int = 0, num_batches: int | None = None, extra_sizes: tuple = ()):
+                 first_batch: int = 0, num_batches: int | None = None, extra_sizes: tuple = (),
+                 online_views: ViewPolicy | None = None):
         self.table, self.stream, self.image_size, self.rows = table, stream, image_size, rows
         self.num_views, self.first_batch, self.num_batches = num_views, first_batch, num_batches
-        self.extra_sizes = extra_sizes
+        self.extra_sizes, self.online_views = extra_sizes, online_views
 
     def __iter__(self):
         worker = get_worker_info()
@@ -305,6 +308,13 @@ class StudentBatches(IterableDataset):
     def _views(self, sample_ids, epochs, images):
         """(boxes [n, 4], flips [n]) of the view each sample shows, and its teacher targets."""
         n = len(sample_ids)
+        if self.online_views is not None:  # view 1 + stream epoch, drawn as stage one draws views
+            drawn = [
+                draw_view(self.online_views, self.table.shard_names[self.table.shard[i]], self.table.key(i), 1 + int(e),
+                          *image.size)
+                for i, e, image in zip(sample_ids, epochs, images)
+            ]
+            return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn]), None
         if self.rows is None:
             center = ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE)
             boxes = np.stack([draw_views(center, "", "", *image.size)[0][0] for image in images])

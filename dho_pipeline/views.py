@@ -107,16 +107,19 @@ def quantize_box(x0: float, y0: float, x1: float, y1: float, width: int, height:
     return np.round(np.clip(fractions, 0.0, 1.0) * BOX_SCALE).astype(np.uint16)
 
 
+def draw_view(policy: ViewPolicy, shard_name: str, key: str, view: int, width: int, height: int):
+    """One view of one image: box (uint16 [4]) and flip. View 0 is the evaluation view."""
+    if view == 0:
+        return quantize_box(*_view0_box(width, height, policy.view0), width, height), False
+    rng = view_generator(policy.seed, shard_name, key, view)
+    box = quantize_box(*_random_resized_crop(rng, width, height, policy), width, height)
+    return box, bool(rng.uniform() < policy.flip_probability)
+
+
 def draw_views(policy: ViewPolicy, shard_name: str, key: str, width: int, height: int):
     """All views of one image: boxes (uint16 [V, 4]) and flips (bool [V])."""
-    boxes = np.empty((policy.num_views, 4), dtype=np.uint16)
-    flips = np.zeros(policy.num_views, dtype=bool)
-    boxes[0] = quantize_box(*_view0_box(width, height, policy.view0), width, height)
-    for view in range(1, policy.num_views):
-        rng = view_generator(policy.seed, shard_name, key, view)
-        boxes[view] = quantize_box(*_random_resized_crop(rng, width, height, policy), width, height)
-        flips[view] = rng.uniform() < policy.flip_probability
-    return boxes, flips
+    drawn = [draw_view(policy, shard_name, key, v, width, height) for v in range(policy.num_views)]
+    return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn], dtype=bool)
 
 
 def box_fractions(box: np.ndarray) -> list[float]:

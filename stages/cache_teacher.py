@@ -60,8 +60,8 @@ class Config:
             raise UserError("--on-error must be 'fail' or 'skip'")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise UserError("crop_scale must satisfy 0 < low <= high <= 1")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError("--crop-scale takes two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1")
 
 
 @dataclass
@@ -118,7 +118,7 @@ def run(config: Config) -> dict:
             num_views=config.views,
             seed=config.seed,
             view0=RESIZE_TO_VIEW0[preprocess.resize_mode],
-            crop_scale=config.crop_scale,
+            crop_scale=tuple(config.crop_scale),
         )
         spec = CacheSpec(
             teacher=loaded.describe(),

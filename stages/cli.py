@@ -128,6 +128,7 @@ def shard(folder, out, **options):
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="[default: bf16 on GPU, fp32 on CPU]")
 @click.option("--resize", type=click.Choice(["squash", "shortest"]), help="Override the teacher's resize mode.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), help="Undecodable image: stop, or record as missing. [default: fail]")
+@click.option("--crop-scale", type=_FloatList(), help="RandomResizedCrop area range of views 1..V-1. [default: 0.5,1]")
 def cache_teacher(manifest_path, out, topk, **options):
     """Run the teacher once over the manifest's shards and cache its top-k logits per view.
 
@@ -191,17 +192,23 @@ def split(manifest_path, out, **options):
 @click.option("--log-every", type=int, help="Steps between metrics lines. [default: 10]")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints; 0: each epoch end. [default: 0]")
 @click.option("--device", help="Device, e.g. cuda, cpu. [default: this rank's GPU, else cpu]")
-@click.option("--classnames", type=PATH, help="Refuse to train unless the cache was built for these class names.")
+@click.option("--classnames", type=PATH, help="With a cache: refuse unless it was built for these class names. Online: the classes.")
+@click.option("--templates", type=PATH, help="Online teacher: prompt templates. [default: manifests/imagenet_templates.txt]")
+@click.option("--teacher-online", is_flag=True, default=None, help="Run the teacher in the loop on each view instead of reading a cache.")
+@click.option("--teacher", help="Online teacher: open_clip model name or config JSON.")
+@click.option("--teacher-pretrained", help="Online teacher: open_clip tag, weights file or 'none'.")
+@click.option("--crop-scale", type=_FloatList(), help="Online teacher: RandomResizedCrop area range of the views. [default: 0.5,1]")
 def train(recipe, manifest_path, split_path, **options):
     """Train a dual-head student against a teacher cache (the teacher is never loaded)."""
     from stages import train as stage
 
     settings = stage.load_recipe(recipe) if recipe else {}
     settings.update(_given(manifest=manifest_path, split=split_path, **options))
-    absent = [name for name in ("cache", "manifest", "split", "out") if name not in settings]
+    needed = ("manifest", "split", "out") if settings.get("teacher_online") else ("cache", "manifest", "split", "out")
+    absent = [name for name in needed if name not in settings]
     if absent:
         raise UserError(f"train needs {', '.join('--' + a for a in absent)} (as flags or in the --config recipe)")
-    summary = stage.run(stage.Config(**settings))
+    summary = stage.run(stage.Config(**{"cache": None, **settings}))
     if _is_main_rank():
         state = "finished" if summary["finished"] else f"stopped at step {summary['steps']} of {summary['total_steps']}"
         click.echo(f"run {settings['out']}: {state}; checkpoint {Path(settings['out']) / 'student.pt'}")
@@ -338,21 +345,41 @@ def cache_dump(path, shard, limit):
         click.echo(json.dumps(record))
 
 
+@main.command("pretrain-demo-clips")
+@click.option("--check", is_flag=True, default=None, help="Retrain in a scratch folder and compare with the shipped files.")
+def pretrain_demo_clips(check):
+    """Pretrain the demo's tiny teacher and student CLIPs (reproduces the shipped weights bit for bit)."""
+    from stages import pretrain_demo as stage
+
+    results = stage.run(stage.Config(**_given(check=check)))
+    for stem, result in results.items():
+        match = {True: "  matches the shipped file", False: "  DIFFERS from the shipped file"}.get(result.get("matches_shipped"), "")
+        click.echo(f"{stem}: zero-shot on the train part {100 * result['zero_shot_on_train_part']:.1f}%, "
+                   f"content {result['fingerprint'][:23]}{match}")
+    if any(r.get("matches_shipped") is False for r in results.values()):
+        raise click.ClickException("retrained weights differ from the shipped ones")
+
+
 @main.command()
 @click.option("--out", type=PATH, help="Folder for the demo's data, caches, runs and report. [default: demo-out]")
+@click.option("--seed", type=int, help="Seed of the label split, data order and views. [default: 0]")
+@click.option("--percent", type=float, help="Labeled share of the train part. [default: 10.0]")
+@click.option("--epochs", type=int, help="Epochs per training run. [default: 20]")
+@click.option("--views", type=int, help="Cached teacher views per image. [default: 8]")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def demo(out, as_json):
+def demo(as_json, **options):
     """Run the pipeline end to end on scikit-learn's digits with tiny CLIPs (CPU, offline, minutes)."""
     from stages import demo as stage
 
-    results = stage.run(stage.Config(**_given(out=out)))
+    results = stage.run(stage.Config(**_given(**options)))
     if as_json:
         click.echo(json.dumps(results, indent=2))
-    else:
-        cache = results["cache"]
-        click.echo(f"demo done: teacher cache of {cache['num_samples']} images ({'complete' if cache['complete'] else 'incomplete'})")
-        for step, seconds in results["steps"].items():
-            click.echo(f"  {step:<16} {seconds:6.1f} s")
+        return
+    click.echo(f"\ntest top-1 on {results['test_images']} digits ({results['config']['percent']}% labels, seed "
+               f"{results['config']['seed']}):")
+    for method, value in results["accuracy"].items():
+        click.echo(f"  {method:<38} {100 * value:5.1f}%")
+    click.echo(f"report: {results['report']} ({results['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ OBJECTIVES = ("dho", "single-head", "ce", "kd")
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    cache: Path
+    cache: Path | None  # the teacher cache; None only with teacher_online
     manifest: Path
     split: Path
     out: Path
@@ -62,7 +62,12 @@ class Config:
     log_every: int = 10  # optimiser steps between metrics lines
     max_steps: int | None = None  # stop after this many optimiser steps (the schedule still spans all epochs)
     device: str | None = None
-    classnames: Path | None = None  # if given, must equal the cache's class list (a guard, not a choice)
+    classnames: Path | None = None  # with a cache: must equal its class list (a guard); online: the classes
+    templates: Path | None = None  # online teacher only: prompt templates (default: the paper's 7)
+    teacher_online: bool = False  # run the teacher in the loop on each view (the reference's way), no cache
+    teacher: str | None = None  # online teacher: open_clip name or config JSON
+    teacher_pretrained: str | None = None  # online teacher: tag, weights file or "none"
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # online teacher: RandomResizedCrop area range of the views
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -75,6 +80,10 @@ class Config:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if len(self.loss_weights) != 3:
             raise UserError("loss_weights takes three numbers: CE, KD on labeled, KD on unlabeled")
+        if self.cache is None and not self.teacher_online:
+            raise UserError("train needs --cache (or --teacher-online)")
+        if self.teacher_online and not (self.teacher and self.teacher_pretrained):
+            raise UserError("--teacher-online needs --teacher and --teacher-pretrained")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -82,7 +91,8 @@ class Config:
 
 # Settings that shape the training trajectory: a resumed run must not change them.
 _TRAJECTORY = ("student", "pretrained", "objective", "tail", "temperature", "loss_weights", "epochs",
-               "batch_size", "lr", "weight_decay", "warmup_steps", "grad_accum", "seed")
+               "batch_size", "lr", "weight_decay", "warmup_steps", "grad_accum", "seed", "teacher_online",
+               "teacher", "teacher_pretrained", "crop_scale")
 
 
 def load_recipe(path: Path) -> dict:
@@ -143,11 +153,21 @@ def _check_inputs(config: Config):
     from dho_pipeline.train_data import temperature_column
 
     manifest = load_manifest(config.manifest)
-    cache = TeacherCache.open(config.cache)
     split = load_split(config.split)
+    split.check_manifest(manifest, where=f"split {config.split}")
+    if config.teacher_online:
+        from dho_pipeline.textlists import read_templates
+
+        from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+
+        classnames = read_classnames(config.classnames or IMAGENET_CLASSNAMES)
+        templates = read_templates(config.templates or IMAGENET_TEMPLATES)
+        manifest.check_files()
+        manifest.check_labels(len(classnames))
+        return manifest, None, split, classnames, templates
+    cache = TeacherCache.open(config.cache)
     if cache.spec.manifest_fingerprint != manifest.fingerprint:
         raise UserError(f"cache {config.cache} was built from another manifest than {config.manifest}; use its own manifest")
-    split.check_manifest(manifest, where=f"split {config.split}")
     incomplete = cache.incomplete_shards()
     if incomplete:
         names = ", ".join(cache.spec.shards[i]["name"] for i in incomplete[:3])
@@ -164,10 +184,10 @@ def _check_inputs(config: Config):
         )
     manifest.check_files()
     manifest.check_labels(cache.spec.num_classes)
-    return manifest, cache, split
+    return manifest, cache, split, cache.spec.classnames, cache.spec.templates
 
 
-def _streams(config, manifest, cache, split, state, micro_batch, student_size, positions):
+def _streams(config, manifest, cache, split, state, micro_batch, student_size, positions, teacher_size=None):
     """DataLoaders for the labeled and unlabeled streams, starting at the saved positions."""
     import numpy as np
     import torch
@@ -180,7 +200,7 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
     # Samples stage one could not decode (--on-error skip) have no teacher targets: skip and count them.
     usable = np.ones(len(table.shard), bool)
     first_id = np.cumsum([0] + [s.num_samples for s in manifest.shards])
-    for index, shard in enumerate(manifest.shards):
+    for index, shard in enumerate(manifest.shards if cache is not None else []):
         missing = {m["key"] for m in (cache.shard_attrs(index) or {}).get("missing", [])}
         for position in (p for p, key in enumerate(shard.keys) if key in missing):
             usable[first_id[index] + position] = False
@@ -193,6 +213,9 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
         raise UserError(f"split {config.split} has no labeled samples that the cache holds")
 
     rank, world = state.process_index, state.num_processes
+    if cache is None:  # online teacher: a fresh random view per sample and epoch, rendered for both models
+        return _online_streams(config, table, labeled, unlabeled, rank, world, micro_batch, student_size,
+                               teacher_size, positions), counts, table, labeled
     num_views = cache.spec.num_views
 
     def loader(stream, rows, first):
@@ -210,6 +233,28 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
         unlabeled_stream = IdStream(unlabeled_order(table, unlabeled, config.seed, rank, world), micro_batch)
         streams["unlabeled"] = loader(unlabeled_stream, ShardRows(cache, table, temperature), positions["unlabeled"])
     return streams, counts, table, labeled
+
+
+def _online_streams(config, table, labeled, unlabeled, rank, world, micro_batch, student_size, teacher_size, positions):
+    import torch
+
+    from dho_pipeline.train_data import IdStream, StudentBatches, labeled_order, unlabeled_order
+    from dho_pipeline.views import VIEW0_WHOLE, ViewPolicy
+
+    # Views 1, 2, 3, ... at stream epochs 0, 1, 2, ...: RandomResizedCrop + flip, as stage one draws them.
+    policy = ViewPolicy(num_views=2**31 - 1, seed=config.seed, view0=VIEW0_WHOLE, crop_scale=tuple(config.crop_scale))
+
+    def loader(stream, first):
+        dataset = StudentBatches(table, stream, student_size, first_batch=first, extra_sizes=(teacher_size,),
+                                 online_views=policy)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.workers,
+                                           persistent_workers=False, prefetch_factor=4 if config.workers else None)
+
+    return {
+        "labeled": loader(IdStream(labeled_order(labeled, config.seed, rank, world), micro_batch), positions["labeled"]),
+        "unlabeled": loader(IdStream(unlabeled_order(table, unlabeled, config.seed, rank, world), micro_batch),
+                            positions["unlabeled"]),
+    }
 
 
 def run(config: Config) -> dict:
@@ -230,7 +275,7 @@ def run(config: Config) -> dict:
     from .common import process_state, resolve_precision
 
     # ---- setup: inputs checked, run directory claimed --------------------------------------------
-    manifest, cache, split = _check_inputs(config)
+    manifest, cache, split, classnames, templates = _check_inputs(config)
     out = Path(config.out)
     state = process_state(config.device)
     precision = resolve_precision(config.precision, state.device)
@@ -259,7 +304,7 @@ def run(config: Config) -> dict:
 
     # ---- model and optimiser ----------------------------------------------------------------------
     loaded = load_clip(config.student, config.pretrained)
-    student = build_student(loaded, cache.spec.classnames, cache.spec.templates)
+    student = build_student(loaded, classnames, templates)
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
     student_size = loaded.preprocess.image_size
     preprocess = loaded.preprocess.to_json()
@@ -279,12 +324,14 @@ def run(config: Config) -> dict:
 
     # ---- data -------------------------------------------------------------------------------------
     micro_batch = _plan(config, split.num_unlabeled, accelerator.num_processes).micro_batch
+    teacher = _online_teacher(config, classnames, templates, device) if config.teacher_online else None
     streams, counts, table, labeled_ids = _streams(
-        config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions
+        config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions,
+        teacher_size=teacher["size"] if teacher else None,
     )
     plan = _plan(config, counts["unlabeled"], accelerator.num_processes)
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
-    evaluation = _evaluator(config, accelerator, student, normalize, student_size, cache.spec.classnames)
+    evaluation = _evaluator(config, accelerator, student, normalize, student_size, classnames)
     if accelerator.is_main_process:
         log.info(
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
@@ -313,6 +360,8 @@ def run(config: Config) -> dict:
             for name in positions:
                 positions[name] += name in batches
             sync = micro == config.grad_accum - 1
+            if teacher is not None:
+                _add_teacher_logits(teacher, batches, accelerator)
             with (nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
                 losses = _losses(config, student, batches, normalize)
                 loss = sum(losses.values()) / config.grad_accum
@@ -366,8 +415,8 @@ def run(config: Config) -> dict:
         metadata = {
             "format": "dho-pipeline-student", "version": 1,
             "student": {"model": config.student, "pretrained": config.pretrained, "preprocess": preprocess},
-            "classnames": cache.spec.classnames, "templates": cache.spec.templates,
-            "config": config.to_json(), "cache_fingerprint": _cache_fingerprint(cache),
+            "classnames": classnames, "templates": templates,
+            "config": config.to_json(), "cache_fingerprint": _cache_fingerprint(cache) if cache else None,
             "manifest_fingerprint": manifest.fingerprint, "split_fingerprint": split.fingerprint,
             "steps": step, "finished": finished, "calibrated_on": None,
             # so that `calibrate` can refuse data the student was trained on
@@ -394,7 +443,7 @@ def _losses(config: Config, student, batches: dict, normalize) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dho_pipeline.kd import kd_topk, log_partition_from_topk
+    from dho_pipeline.kd import kd_full, kd_topk, log_partition_from_topk
 
     w_ce, w_kl, w_ku = config.loss_weights
     labeled = batches["labeled"]
@@ -405,6 +454,8 @@ def _losses(config: Config, student, batches: dict, normalize) -> dict:
     labels = labeled["labels"].to(pixels.device)
 
     def kd(logits, batch):
+        if "teacher_logits" in batch:  # online teacher: its full logits
+            return kd_full(logits, batch["teacher_logits"], config.temperature)
         device = logits.device
         log_partition = batch["log_partition"].to(device)
         topk_logit = batch["topk_logit"].to(device)
@@ -422,6 +473,28 @@ def _losses(config: Config, student, batches: dict, normalize) -> dict:
         losses["kd_labeled"] = w_kl * kd(ce_logits[:n], labeled)
         losses["kd_unlabeled"] = w_ku * kd(ce_logits[n:], batches["unlabeled"])
     return losses
+
+
+def _online_teacher(config: Config, classnames, templates, device) -> dict:
+    """The zero-shot teacher, for --teacher-online: built exactly as cache-teacher builds it."""
+    from dho_pipeline.clip_models import class_text_embeddings, load_clip
+    from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.teacher import ZeroShotTeacher
+
+    loaded = load_clip(config.teacher, config.teacher_pretrained)
+    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
+    model = ZeroShotTeacher(loaded.model.visual, embeddings).to(device).eval()
+    return {"model": model, "size": loaded.preprocess.image_size,
+            "normalize": Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)}
+
+
+def _add_teacher_logits(teacher: dict, batches: dict, accelerator) -> None:
+    import torch
+
+    key = f"pixels_{teacher['size'][0]}"
+    with torch.no_grad(), accelerator.autocast():
+        for batch in batches.values():
+            batch["teacher_logits"] = teacher["model"](teacher["normalize"](batch[key])).float()
 
 
 def _evaluator(config: Config, accelerator, student, normalize, student_size, cache_classnames):

@@ -1,19 +1,34 @@
-"""The demo runs end to end offline (stage one so far)."""
+"""The demo pipeline end to end at a smaller size: the report's structure and real numbers."""
 
 from __future__ import annotations
 
 import json
+import math
 
 from conftest import cli
 
 
-def test_demo_builds_a_complete_teacher_cache(tmp_path):
+def test_demo_reports_real_measurements(tmp_path):
     out = tmp_path / "demo"
-    results = json.loads(cli("demo", "--out", out, "--json").stdout)
-    assert results["cache"]["complete"] and results["cache"]["num_samples"] == 800
-    report = json.loads(cli("cache", "info", out / "teacher.zarr", "--json").stdout)
-    assert report["views"]["num_views"] == 4 and report["num_classes"] == 10
-    cli("cache", "verify", out / "teacher.zarr", "--manifest", out / "train.json")
-    # Rerunning resumes: the shards are byte-identical, so the same cache is reused.
-    again = json.loads(cli("demo", "--out", out, "--json").stdout)
-    assert again["cache"]["complete"]
+    results = json.loads(cli("demo", "--out", out, "--epochs", "2", "--views", "2", "--json").stdout)
+    accuracy = results["accuracy"]
+    assert set(accuracy) == {
+        "teacher zero-shot", "student zero-shot (before training)", "CE-only", "single-head CE+KD", "DHO, CE head",
+        "DHO, KD head", "DHO, combined (calibrated)", "DHO combined, 1 cached view", "DHO combined, teacher online",
+    }
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in accuracy.values())
+    assert len(set(accuracy.values())) >= 5  # measured, not copied: methods differ
+    assert accuracy["teacher zero-shot"] > accuracy["student zero-shot (before training)"] + 0.3
+    assert results["test_images"] == 397
+    report = out / "report-10pct-seed0"
+    for name in ("results.json", "report.md", "accuracy.png", "dho-training-loss.png", "dho-calibration.png"):
+        assert (report / name).stat().st_size > 0, name
+    text = (report / "report.md").read_text()
+    assert "| DHO, combined (calibrated) |" in text and "dho-pipeline cache-teacher" in text
+    commands = [c["command"] for c in results["commands"]]
+    for stage in ("manifest", "cache-teacher", "split", "train", "calibrate", "evaluate"):
+        assert any(c.startswith(f"dho-pipeline {stage} ") for c in commands), stage
+    assert any("--teacher-online" in c for c in commands)
+    # A rerun resumes everything (shards byte-identical, caches complete, runs finished) and agrees.
+    again = json.loads(cli("demo", "--out", out, "--epochs", "2", "--views", "2", "--json").stdout)
+    assert again["accuracy"] == accuracy
