@@ -40,6 +40,23 @@ FORMAT = "dho-pipeline-teacher-cache"
 SCHEMA_VERSION = 1
 CHUNK_ROWS = 256  # samples per chunk: small enough for cheap random reads of labeled samples
 ARRAYS = ("key", "missing", "box", "flip", "topk_index", "topk_logit", "log_partition")
+COMPRESSIONS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
+DEFAULT_COMPRESSION = "blosc-zstd"  # smallest in bench/cache_size.py (BENCHMARKS.md)
+
+
+def compressors(name: str):
+    """Zarr codecs for a compression choice (bench/cache_size.py measures them)."""
+    from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+    if name == "none":
+        return None
+    if name == "zstd":
+        return ZstdCodec(level=3)
+    if name in ("blosc-zstd", "blosc-lz4"):
+        # Byte shuffle puts the high bytes of neighbouring int16/float16 values together: sorted
+        # top-k logits and class indices share them, so they compress well.
+        return BloscCodec(cname=name.split("-")[1], clevel=5, shuffle=BloscShuffle.shuffle)
+    raise UserError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,9 +159,10 @@ def _zarr():
 class TeacherCache:
     """A teacher cache on local disk. Construct with `create_or_resume` (writer) or `open` (reader)."""
 
-    def __init__(self, path: Path, spec: CacheSpec):
+    def __init__(self, path: Path, spec: CacheSpec, compression: str = DEFAULT_COMPRESSION):
         self.path = Path(path)
         self.spec = spec
+        self.compression = compression  # for shards this object writes; each array records its own codecs
 
     # ---- creation and opening -------------------------------------------------------------------
 
@@ -223,8 +241,11 @@ class TeacherCache:
         )
         for array_name, values in data.arrays().items():
             chunks = (min(CHUNK_ROWS, max(1, values.shape[0])),) + values.shape[1:]
-            dtype = str if values.dtype.kind == "U" else values.dtype  # variable-length UTF-8 keys
-            array = group.create_array(array_name, shape=values.shape, dtype=dtype, chunks=chunks)
+            if values.dtype.kind == "U":  # variable-length UTF-8 keys
+                array = group.create_array(array_name, shape=values.shape, dtype=str, chunks=chunks)
+            else:
+                array = group.create_array(array_name, shape=values.shape, dtype=values.dtype, chunks=chunks,
+                                           compressors=compressors(self.compression))
             array[...] = values
         missing = [{"key": key, "reason": data.missing_reasons.get(key, "")} for key in np.array(data.keys)[data.missing]]
         group.attrs.update({"complete": True, "num_missing": len(missing), "missing": missing})

@@ -14,9 +14,11 @@ class Normalizer:
 
     def __init__(self, mean, std, device: torch.device):
         self.device = device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, device=device) * 255  # per channel, broadcast over the last axis
+        self.scale = 1 / (torch.tensor(std, device=device) * 255)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        return (pixels - self.mean) / self.std
+        # In place on the contiguous HWC float copy (half the memory traffic of NCHW arithmetic),
+        # then a free permute: the result is channels-last.
+        pixels = pixels.to(self.device, non_blocking=True).float()
+        return pixels.sub_(self.mean).mul_(self.scale).permute(0, 3, 1, 2)

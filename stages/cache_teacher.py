@@ -46,6 +46,7 @@ class Config:
     resize: str | None = None  # override the teacher's resize mode: squash | shortest
     on_error: str = "fail"  # an undecodable image: "fail" (name it and stop) or "skip" (record as missing)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for views 1..V-1
+    compression: str = "blosc-zstd"  # none | zstd | blosc-zstd | blosc-lz4 (see BENCHMARKS.md)
 
     def __post_init__(self):
         if self.views < 1:
@@ -58,6 +59,10 @@ class Config:
             raise UserError("--batch-size must be positive and --workers non-negative")
         if self.on_error not in ("fail", "skip"):
             raise UserError("--on-error must be 'fail' or 'skip'")
+        from dho_pipeline.cache_store import COMPRESSIONS
+
+        if self.compression not in COMPRESSIONS:
+            raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -139,6 +144,7 @@ def run(config: Config) -> dict:
 
         on_main_then_share(state, create_or_resume)
         cache = TeacherCache.open(config.out)
+        cache.compression = config.compression
         mine = [i for i in range(len(manifest.shards)) if i % state.num_processes == state.process_index]
         todo = [i for i in mine if not cache.is_complete(i)]
         if state.is_main_process:

@@ -129,6 +129,7 @@ def shard(folder, out, **options):
 @click.option("--resize", type=click.Choice(["squash", "shortest"]), help="Override the teacher's resize mode.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), help="Undecodable image: stop, or record as missing. [default: fail]")
 @click.option("--crop-scale", type=_FloatList(), help="RandomResizedCrop area range of views 1..V-1. [default: 0.5,1]")
+@click.option("--compression", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), help="[default: blosc-zstd]")
 def cache_teacher(manifest_path, out, topk, **options):
     """Run the teacher once over the manifest's shards and cache its top-k logits per view.
 

@@ -1,0 +1,95 @@
+"""Shared pieces of the benchmarks: synthetic CLIP-like logits, generated JPEG shards, timing, output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def clip_like_logits(rows: int, classes: int = 1000, seed: int = 0) -> np.ndarray:
+    """100 x cosines as a zero-shot CLIP produces them (NOTES section 5): unrelated classes around
+    0.17 +- 0.025, 8 related classes around 0.22, the true class around 0.29."""
+    rng = np.random.default_rng(seed)
+    cos = 0.17 + 0.025 * rng.standard_normal((rows, classes))
+    for row in range(rows):
+        related = rng.choice(classes, size=9, replace=False)
+        cos[row, related[1:]] = 0.22 + 0.02 * rng.standard_normal(8)
+        cos[row, related[0]] = 0.29 + 0.02 * rng.standard_normal()
+    return (100 * cos).astype(np.float32)
+
+
+def structured_clip_like_logits(rows: int, classes: int = 1000, seed: int = 0) -> np.ndarray:
+    """A teacher whose tail has structure: each image is near some classes and far from most, with
+    cosines falling smoothly with a per-class distance (0.29 for the true class, down to ~0.12)."""
+    rng = np.random.default_rng(seed)
+    distance = rng.uniform(0, 1, (rows, classes)) ** 0.5  # few near classes, many far ones
+    cos = 0.12 + 0.12 * np.exp(-distance / 0.25) + 0.01 * rng.standard_normal((rows, classes))
+    cos[np.arange(rows), rng.integers(0, classes, rows)] = 0.29
+    return (100 * cos).astype(np.float32)
+
+
+def write_jpeg_shards(folder: Path, shards: int, per_shard: int, size=(500, 375), seed: int = 0,
+                      num_classes: int = 1000) -> list[Path]:
+    """ImageNet-like JPEG shards (500 x 375, quality 90) of smooth random content, random labels."""
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = folder / f"bench-{s:06d}.tar"
+        if not path.exists():
+            with wds.TarWriter(str(path), mtime=0) as writer:
+                for i in range(per_shard):
+                    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+                    noise = rng.integers(-12, 12, (size[1], size[0], 3))
+                    image = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC), dtype=np.int64)
+                    image = Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8))
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG", quality=90)
+                    writer.write({"__key__": f"s{s}_{i:05d}", "jpg": buffer.getvalue(), "cls": int(rng.integers(0, num_classes))})
+        paths.append(path)
+    return paths
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_maxrss / 1024
+
+
+def save(name: str, figures: dict) -> Path:
+    out = Path(os.environ.get("BENCH_OUT", "bench-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **figures}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+class Timer:
+    def __enter__(self):
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.started

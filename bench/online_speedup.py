@@ -1,0 +1,91 @@
+"""Stage two against the cache vs with the teacher run online, with a ViT-H:ViT-B-like compute ratio.
+
+    .venv/bin/python bench/online_speedup.py [--steps 30]
+
+The student and teacher are ViTs sized so that one teacher forward costs about 10x one student
+forward+backward, as ViT-H/14 at 378 px (about 1.0 TFLOP) does against ViT-B/16 at 224 px (about
+0.1 TFLOP); the ratio is measured with torch's FLOP counter and printed. Same student, data, batch and
+steps; step time from the runs' own metrics (after warm-up). Prints samples/s both ways and the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from common import save, write_jpeg_shards
+
+SIZE = 64
+STUDENT = {"embed_dim": 64, "quick_gelu": True,
+           "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}}
+TEACHER = {"embed_dim": 128, "quick_gelu": True,
+           "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 240, "head_width": 60, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}}
+
+
+def flops(config_path: Path, backward: bool) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dho_pipeline.clip_models import load_clip
+
+    visual = load_clip(str(config_path), "none").model.visual
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with FlopCounterMode(display=False) as counter:
+        out = visual(x)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def samples_per_second(run_dir: Path, warmup_steps: int) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["samples_per_second"] for r in rows if "loss" in r and r["step"] > warmup_steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    from stages import cache_teacher, manifest, split, train
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        (folder / "bench-student.json").write_text(json.dumps(STUDENT))
+        (folder / "bench-teacher.json").write_text(json.dumps(TEACHER))
+        ratio = flops(folder / "bench-teacher.json", False) / flops(folder / "bench-student.json", True)
+        print(f"teacher forward / student forward+backward FLOPs: {ratio:.1f} (target about 10)")
+        paths = write_jpeg_shards(folder / "shards", 2, 320, size=(96, 80), num_classes=10)
+        (folder / "classes.txt").write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
+        (folder / "templates.txt").write_text("a photo of a {}.\n")
+        manifest.run(manifest.Config(shards=tuple(str(p) for p in paths), out=folder / "m.json"))
+        cache_teacher.run(cache_teacher.Config(
+            manifest=folder / "m.json", out=folder / "c.zarr", teacher=str(folder / "bench-teacher.json"),
+            pretrained="none", classnames=folder / "classes.txt", templates=folder / "templates.txt", views=4,
+            topk=100, workers=0,
+        ))
+        split.run(split.Config(manifest=folder / "m.json", percent=10, out=folder / "s.json"))
+        common = dict(manifest=folder / "m.json", split=folder / "s.json", student=str(folder / "bench-student.json"),
+                      pretrained="none", batch_size=args.batch_size, epochs=100, max_steps=args.steps, workers=0,
+                      log_every=5)
+        train.run(train.Config(cache=folder / "c.zarr", out=folder / "warm", **{**common, "max_steps": 5}))
+        train.run(train.Config(cache=folder / "c.zarr", out=folder / "cached", **common))
+        train.run(train.Config(cache=None, out=folder / "online", teacher_online=True,
+                               teacher=str(folder / "bench-teacher.json"), teacher_pretrained="none",
+                               classnames=folder / "classes.txt", templates=folder / "templates.txt", **common))
+        cached = samples_per_second(folder / "cached", 5)
+        online = samples_per_second(folder / "online", 5)
+    print(f"student steps: cached {cached:.1f} samples/s, teacher online {online:.1f} samples/s, "
+          f"speedup {cached / online:.2f}x")
+    save("online_speedup", {"flop_ratio_teacher_fwd_to_student_fwd_bwd": ratio, "cached_samples_per_second": cached,
+                            "online_samples_per_second": online, "speedup": cached / online, "steps": args.steps,
+                            "batch_size": args.batch_size, "image_size": SIZE})
+
+
+if __name__ == "__main__":
+    main()
