@@ -45,6 +45,12 @@ open_clip's tokenizer imports `regex`, which has no wheel in /work/shared/gpu/wh
 stock PyTorch image: when it is missing this script puts a small `re`-based stand-in in sys.modules
 (translating the tokenizer's \\p{L}/\\p{N} classes) and says so in env.json. The dho-pipeline CLI itself
 would fail with ModuleNotFoundError there.
+
+Library workaround (recorded in env.json and summary.json; --no-workarounds turns it off): under bf16
+autocast `ZeroShotTeacher.forward` returns bf16 logits (its classifier matmul is autocast too), and
+cache-teacher's `.cpu().numpy()` then raises "TypeError: Got unsupported ScalarType BFloat16", i.e. the
+stage cannot run in bf16, its GPU default. When that is still so, this script runs the classifier with
+autocast off in its own process (what the docstring of ZeroShotTeacher promises), so sections 2-3 measure.
 """
 
 from __future__ import annotations
@@ -308,7 +314,7 @@ def settings(args) -> dict:
     return dict(
         teacher="ViT-H-14-378-quickgelu", student="ViT-B-16-quickgelu", device="cuda", batches=[64, 128, 256],
         shards=24, per_shard=512, image=(500, 375), label_classes=100, gen_procs=14, workers=14,
-        train_batches=[256, 128], cached_steps=40, online_steps=20, log_every=5, warmup_steps=10,
+        train_batches=[256, 128], cached_steps=50, online_steps=20, log_every=5, warmup_steps=10,
         measure_seconds=2.5, compile_backend=args.compile_backend or "inductor", stage_precision=None,
         caps=dict(teacher_model=170, cache_teacher=150, train=230, teacher_compile=150),
     )
@@ -414,13 +420,13 @@ def kernel_kind(name: str) -> str:
         return "gemm"
     if "layer_norm" in low or "layernorm" in low:
         return "layernorm"
+    if "copy" in low or "transpose" in low or "memcpy" in low or "cat_" in low:
+        return "copy/transpose"
     if "elementwise" in low or "vectorized" in low or "unrolled" in low or low in (
             "aten::mul", "aten::add", "aten::add_", "aten::sigmoid", "aten::sub", "aten::div", "aten::gelu"):
         return "elementwise"
     if "reduce" in low or "softmax" in low:
         return "reduction"
-    if "copy" in low or "transpose" in low or "memcpy" in low:
-        return "copy/transpose"
     if "conv" in low:
         return "conv"
     return "other"
@@ -564,6 +570,10 @@ def section_teacher_model(ctx) -> dict:
 
     def record(variant: str, batch: int, entry: dict):
         fig["variants"].setdefault(variant, {})[str(batch)] = entry
+        best = best_of(list(fig["variants"]))  # kept current, so a cap mid-section still leaves a headline
+        fig["best"] = {"variant": best[0], "batch": best[1], "images_per_second": best[2],
+                       "mfu": best[2] * flops_per_image / peak if peak else None} if best else None
+        HEADLINE["teacher_model"] = fig["best"]
         save("teacher_model", fig)
 
     def run_variant(variant, model, batches, *, channels_last=False, bf16_weights=False, use_autocast=True):
@@ -614,9 +624,9 @@ def section_teacher_model(ctx) -> dict:
             lambda: teacher_bf16(make_input(batches[0], dtype=torch.bfloat16)), device)
     save("teacher_model", fig)
 
-    best_eager = best_of(["eager_autocast", "eager_bf16"])
-    best_batch = best_eager[1] if best_eager else batches[-1]
-    autocast_best = best_of(["eager_autocast"])
+    # cache-teacher runs fp32 weights under autocast: its best batch is the one section 2 uses
+    autocast_best = best_of(["eager_autocast"]) or best_of(["eager_bf16"])
+    best_batch = autocast_best[1] if autocast_best else batches[-1]
     ctx["best_batch"] = best_batch
     fig["best_batch"] = best_batch
 
@@ -686,19 +696,15 @@ def section_teacher_model(ctx) -> dict:
     except Exception as error:
         record("stage_path_autocast", best_batch, {"error": error_text(error)})
 
-    best = best_of(list(fig["variants"]))
-    fig["best"] = {"variant": best[0], "batch": best[1], "images_per_second": best[2],
-                   "mfu": best[2] * flops_per_image / peak if peak else None} if best else None
     fig["model_only_for_stage"] = None
     if autocast_best:
         layout = "eager_autocast_channels_last" if ctx.get("normalizer_channels_last") else "eager_autocast"
         same = fig["variants"].get(layout, {}).get(str(best_batch), {}).get("images_per_second") or \
-            fig["variants"]["eager_autocast"].get(str(best_batch), {}).get("images_per_second")
+            fig["variants"].get("eager_autocast", {}).get(str(best_batch), {}).get("images_per_second")
         fig["model_only_for_stage"] = {"variant": layout, "batch": best_batch, "images_per_second": same}
     ctx["model_only"] = fig["model_only_for_stage"]
     ctx["stage_path_ips"] = fig["variants"].get("stage_path_autocast", {}).get(str(best_batch), {}).get(
         "images_per_second")
-    HEADLINE["teacher_model"] = fig["best"]
     save("teacher_model", fig)
 
     # keep the best eager model (on the CPU) for the compile section at the end
@@ -803,72 +809,89 @@ def section_cache_teacher(ctx) -> dict:
         torch.cuda.reset_peak_memory_stats()
     say(f"section 2: cache-teacher {cfg['teacher']} batch {batch} workers {cfg['workers']} over {len(paths)} shards")
     started = time.perf_counter()
+    summary = None
+
+    def figures_of(ended: float) -> None:
+        images = sum(n for _, n in calls)
+        fig["summary"] = summary
+        if summary and summary.get("complete"):
+            ctx["cache"] = cache
+        fig["run_seconds"] = ended - started
+        fig["teacher_setup_seconds"] = (built[0] - started) if built else None
+        fig["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        figures = {"images": images, "batches": len(calls)}
+        if len(calls) >= 3:
+            steady_images = images - calls[-1][1]
+            steady_seconds = calls[-1][0] - calls[0][0]
+            figures["steady_images_per_second"] = steady_images / steady_seconds
+            figures["steady_note"] = "batches 0..n-2 between the first and the last teacher call (excludes set-up, " \
+                                     "pipeline fill and the writer's tail; each batch ends in .cpu(), so it is synced)"
+        figures["first_batch_wait_seconds"] = (calls[0][0] - built[0]) if calls and built else None
+        figures["images_per_second_after_setup"] = images / (ended - built[0]) if built else None
+        figures["images_per_second_whole_run"] = images / (ended - started)
+        timings_path = Path(str(cache) + ".timings.jsonl")
+        timings = [json.loads(line) for line in timings_path.read_text().splitlines() if line.strip()] \
+            if timings_path.exists() else []
+        fig["per_shard"] = [{k: t.get(k) for k in ("shard", "images", "read_seconds", "compute_seconds", "write_seconds",
+                                                    "wall_seconds")} for t in timings]
+        read = sum(t["read_seconds"] for t in timings)
+        compute = sum(t["compute_seconds"] for t in timings)
+        write = sum(t["write_seconds"] for t in timings)
+        workers_used = fig["config"]["workers_used"]
+        loop = (calls[-1][0] - calls[0][0]) if len(calls) > 1 else None
+        figures.update(read_seconds_total=read, compute_seconds_total=compute, write_seconds_total=write,
+                       read_seconds_per_worker=read / max(1, workers_used),
+                       device_busy_share_of_loop=(compute / (ended - calls[0][0])) if calls else None,
+                       input_bound=(read / max(1, workers_used)) > compute,
+                       input_bound_note="read seconds per worker (workers decode in parallel) vs the main process's "
+                                        "compute seconds (teacher + top-k + .cpu()); > means input-bound")
+        model_only = (ctx.get("model_only") or {}).get("images_per_second")
+        steady = figures.get("steady_images_per_second") or figures["images_per_second_after_setup"]
+        figures["model_only_images_per_second"] = model_only
+        figures["model_only_variant"] = ctx.get("model_only")
+        figures["stage_path_images_per_second"] = ctx.get("stage_path_ips")
+        figures["ratio_steady_to_model_only"] = steady / model_only if model_only and steady else None
+        figures["ratio_after_setup_to_model_only"] = (figures["images_per_second_after_setup"] / model_only
+                                                      if model_only and figures["images_per_second_after_setup"] else None)
+        figures["ratio_steady_to_stage_path"] = steady / ctx["stage_path_ips"] if ctx.get("stage_path_ips") else None
+        figures["loop_seconds"] = loop
+        fig["figures"] = figures
+        HEADLINE["cache_teacher"] = {k: figures.get(k) for k in (
+            "steady_images_per_second", "images_per_second_after_setup", "model_only_images_per_second",
+            "ratio_steady_to_model_only", "input_bound")}
+        say(f"cache-teacher: {images} images, steady {figures.get('steady_images_per_second') or 0:.1f} img/s, "
+            f"after set-up {figures['images_per_second_after_setup'] or 0:.1f} img/s, ratio to model-only "
+            f"{figures['ratio_steady_to_model_only'] or 0:.3f}; read/worker {read / max(1, workers_used):.1f}s vs compute {compute:.1f}s")
+
     try:
         summary = cache_stage.run(config)
     finally:
         ended = time.perf_counter()
         teacher_module.ZeroShotTeacher.forward, teacher_module.ZeroShotTeacher.__init__ = original_forward, original_init
-    images = sum(n for _, n in calls)
-    fig["summary"] = summary
-    if summary.get("complete"):
-        ctx["cache"] = cache
-    fig["run_seconds"] = ended - started
-    fig["teacher_setup_seconds"] = (built[0] - started) if built else None
-    fig["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    figures = {"images": images, "batches": len(calls)}
-    if len(calls) >= 3:
-        steady_images = images - calls[-1][1]
-        steady_seconds = calls[-1][0] - calls[0][0]
-        figures["steady_images_per_second"] = steady_images / steady_seconds
-        figures["steady_note"] = "batches 0..n-2 between the first and the last teacher call (excludes set-up, " \
-                                 "pipeline fill and the writer's tail; each batch ends in .cpu(), so it is synced)"
-    figures["first_batch_wait_seconds"] = (calls[0][0] - built[0]) if calls and built else None
-    figures["images_per_second_after_setup"] = images / (ended - built[0]) if built else None
-    figures["images_per_second_whole_run"] = images / (ended - started)
-    timings = [json.loads(line) for line in Path(str(cache) + ".timings.jsonl").read_text().splitlines() if line.strip()]
-    fig["per_shard"] = [{k: t.get(k) for k in ("shard", "images", "read_seconds", "compute_seconds", "write_seconds",
-                                                "wall_seconds")} for t in timings]
-    read = sum(t["read_seconds"] for t in timings)
-    compute = sum(t["compute_seconds"] for t in timings)
-    write = sum(t["write_seconds"] for t in timings)
-    workers_used = fig["config"]["workers_used"]
-    loop = (calls[-1][0] - calls[0][0]) if len(calls) > 1 else None
-    figures.update(read_seconds_total=read, compute_seconds_total=compute, write_seconds_total=write,
-                   read_seconds_per_worker=read / max(1, workers_used),
-                   device_busy_share_of_loop=(compute / (ended - calls[0][0])) if calls else None,
-                   input_bound=(read / max(1, workers_used)) > compute,
-                   input_bound_note="read seconds per worker (workers decode in parallel) vs the main process's "
-                                    "compute seconds (teacher + top-k + .cpu()); > means input-bound")
-    model_only = (ctx.get("model_only") or {}).get("images_per_second")
-    steady = figures.get("steady_images_per_second") or figures["images_per_second_after_setup"]
-    figures["model_only_images_per_second"] = model_only
-    figures["model_only_variant"] = ctx.get("model_only")
-    figures["stage_path_images_per_second"] = ctx.get("stage_path_ips")
-    figures["ratio_steady_to_model_only"] = steady / model_only if model_only and steady else None
-    figures["ratio_after_setup_to_model_only"] = (figures["images_per_second_after_setup"] / model_only
-                                                  if model_only and figures["images_per_second_after_setup"] else None)
-    figures["ratio_steady_to_stage_path"] = steady / ctx["stage_path_ips"] if ctx.get("stage_path_ips") else None
-    figures["loop_seconds"] = loop
-    fig["figures"] = figures
-    HEADLINE["cache_teacher"] = {k: figures.get(k) for k in (
-        "steady_images_per_second", "images_per_second_after_setup", "model_only_images_per_second",
-        "ratio_steady_to_model_only", "input_bound")}
-    say(f"cache-teacher: {images} images, steady {figures.get('steady_images_per_second') or 0:.1f} img/s, "
-        f"after set-up {figures['images_per_second_after_setup'] or 0:.1f} img/s, ratio to model-only "
-        f"{figures['ratio_steady_to_model_only'] or 0:.3f}; read/worker {read / max(1, workers_used):.1f}s vs compute {compute:.1f}s")
+        try:  # also when the run fails or the section cap stops it: what was measured so far
+            figures_of(ended)
+        except Exception as error:
+            fig["figures_error"] = error_text(error)
     return fig
 
 
 # ---- section 3: stage two, cached vs online teacher ----------------------------------------------------
 
 
-def train_rates(run_dir: Path, warmup_steps: int, log_every: int) -> dict:
+def train_rates(run_dir: Path, warmup_steps: int, log_every: int, steps_per_epoch: int | None = None) -> dict:
+    """samples/s over the metrics windows after warm-up, leaving out windows that hold an epoch-end
+    checkpoint (written after the log line of its step, so it lands in the window after an epoch end
+    that falls on a log step)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "samples_per_second" in r]
-    used = [r for r in rows if r["step"] - log_every >= warmup_steps]
+
+    def holds_checkpoint(step: int) -> bool:
+        return bool(steps_per_epoch) and any(e % steps_per_epoch == 0 for e in range(max(1, step - log_every), step))
+
+    used = [r for r in rows if r["step"] - log_every >= warmup_steps and not holds_checkpoint(r["step"])]
     result = {"windows": [{"step": r["step"], "samples_per_second": r["samples_per_second"],
                            "data_wait_fraction": r.get("data_wait_fraction")} for r in rows],
-              "steps_measured": [r["step"] for r in used]}
+              "steps_measured": [r["step"] for r in used], "steps_per_epoch": steps_per_epoch}
     if used:
         result["samples_per_second"] = len(used) / sum(1 / r["samples_per_second"] for r in used)  # equal samples
         result["data_wait_fraction"] = sum(r.get("data_wait_fraction") or 0 for r in used) / len(used)
@@ -913,7 +936,8 @@ def section_train(ctx) -> dict:
                                             teacher_pretrained="none", classnames=ctx["classes"],
                                             templates=ctx["templates"], **common)
             entry["summary"] = train_stage.run(config)
-            entry.update(train_rates(out, cfg["warmup_steps"], cfg["log_every"]))
+            per_epoch = entry["summary"]["total_steps"] // config.epochs
+            entry.update(train_rates(out, cfg["warmup_steps"], cfg["log_every"], per_epoch))
             say(f"  {mode} batch {batch}: {entry.get('samples_per_second') or 0:.1f} samples/s "
                 f"(data wait {entry.get('data_wait_fraction') or 0:.0%})")
         except Exception as error:
@@ -1189,4 +1213,21 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as exit_:  # --help, argument errors
+        sys.stdout.flush()
+        raise
+    except BaseException as error:  # noqa: BLE001 - whatever happens, leave a summary behind
+        say(f"FATAL {type(error).__name__}: {error}")
+        STATUS["fatal"] = {"status": "error", "error": error_text(error)}
+        try:
+            save("summary", {"sections": STATUS, "log": LOG[-300:]})
+        except Exception:
+            pass
+        code = 3
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: leftover compile-worker pools or loader threads must not hold the
+    # device machine after the figures are written.
+    os._exit(code)

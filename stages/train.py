@@ -154,7 +154,6 @@ def _check_inputs(config: Config):
 
     manifest = load_manifest(config.manifest)
     split = load_split(config.split)
-    split.check_manifest(manifest, where=f"split {config.split}")
     if config.teacher_online:
         from dho_pipeline.textlists import read_templates
 
@@ -162,12 +161,14 @@ def _check_inputs(config: Config):
 
         classnames = read_classnames(config.classnames or IMAGENET_CLASSNAMES)
         templates = read_templates(config.templates or IMAGENET_TEMPLATES)
+        split.check_manifest(manifest, where=f"split {config.split}")
         manifest.check_files()
         manifest.check_labels(len(classnames))
         return manifest, None, split, classnames, templates
     cache = TeacherCache.open(config.cache)
     if cache.spec.manifest_fingerprint != manifest.fingerprint:
         raise UserError(f"cache {config.cache} was built from another manifest than {config.manifest}; use its own manifest")
+    split.check_manifest(manifest, where=f"split {config.split}")
     incomplete = cache.incomplete_shards()
     if incomplete:
         names = ", ".join(cache.spec.shards[i]["name"] for i in incomplete[:3])
