@@ -18,7 +18,6 @@ agree. `resize` overrides the resize mode.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import socket
@@ -31,6 +30,7 @@ import torch
 
 from .errors import UserError
 from .hashing import fingerprint_file
+from .jsonfiles import read_json
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 RESIZE_MODES = ("squash", "shortest")
@@ -91,12 +91,7 @@ def resolve_model_name(model: str) -> str:
         return model
     if model.endswith(".json") or os.path.sep in model:
         path = Path(model)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"model config {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"model config {path} is not a readable JSON file ({error})") from None
+        config = read_json(path, "model config", "give an open_clip model-config JSON file")
         if not isinstance(config, dict) or not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise UserError(f"model config {path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
         open_clip.add_model_config(path)

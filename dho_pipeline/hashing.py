@@ -44,6 +44,6 @@ class HashingReader:
         return data
 
     def finish(self) -> str:
-        while block := self.read(_READ_BLOCK):
+        while self.read(_READ_BLOCK):
             pass
         return "sha256:" + self._digest.hexdigest()

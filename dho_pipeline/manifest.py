@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .hashing import fingerprint_json
+from .jsonfiles import read_json, write_text_atomically
 from .shards import ShardScan
 
 FORMAT = "dho-pipeline-manifest"
@@ -186,7 +187,6 @@ def _stored_path(shard_path: Path, manifest_dir: Path) -> str:
 
 def save_manifest(manifest: Manifest, path: Path) -> None:
     """Write atomically; one shard per line so that the file diffs and greps well."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -198,23 +198,13 @@ def save_manifest(manifest: Manifest, path: Path) -> None:
         json.dumps({"path": _stored_path(entry.path, path.parent), **entry.content()}, ensure_ascii=False)
         for entry in manifest.shards
     ]
-    text = json.dumps(header, indent=1)[:-2] + ',\n "shards": [\n' + ",\n".join(lines) + "\n]}\n"
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(header, indent=1)[:-2] + ',\n "shards": [\n' + ",\n".join(lines) + "\n]}\n")
 
 
 def load_manifest(path: str | Path) -> Manifest:
     """Read and check a manifest; any fault is a one-line UserError naming the file."""
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"manifest {path} does not exist; create it with `dho-pipeline manifest`") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"manifest {path} is not valid JSON ({error}); rebuild it with `dho-pipeline manifest`") from None
-    except OSError as error:
-        raise UserError(f"manifest {path} cannot be read ({error.strerror})") from None
+    document = read_json(path, "manifest", "build it with `dho-pipeline manifest`")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise UserError(f"{path} is not a dho-pipeline manifest; create one with `dho-pipeline manifest`")
     if document.get("version") != VERSION:

@@ -21,7 +21,6 @@ class and is never trained on. Unlabeled = every sample neither labeled nor held
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .hashing import fingerprint_json
+from .jsonfiles import read_json, write_text_atomically
 from .manifest import Manifest
 
 FORMAT = "dho-pipeline-split"
@@ -187,20 +187,12 @@ def save_split(split: Split, path: Path) -> None:
         "num_unlabeled": split.num_unlabeled,
         **_content(split.manifest_fingerprint, split.num_samples, split.method, split.labeled, split.holdout),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(document) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(document) + "\n")
 
 
 def load_split(path: str | Path) -> Split:
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"split {path} does not exist; draw one with `dho-pipeline split`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"split {path} is not a readable JSON file ({error})") from None
+    document = read_json(path, "split", "draw one with `dho-pipeline split`")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise UserError(f"{path} is not a dho-pipeline split; draw one with `dho-pipeline split`")
     try:

@@ -272,7 +272,6 @@ def run(config: Config) -> dict:
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.student import build_student
 
-    from .common import autocast as autocast_for
     from .common import process_state, resolve_precision
 
     # ---- setup: inputs checked, run directory claimed --------------------------------------------

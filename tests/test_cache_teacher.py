@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import BIN, TINY_TEACHER, cache_args, cli, dump, image_bytes, run_command, write_lists, write_shards
+from conftest import BIN, cache_args, cli, dump, image_bytes, run_command, write_lists, write_shards
 from PIL import Image
 
 from dho_pipeline.cache_store import TeacherCache, exclusive_writer

@@ -29,8 +29,6 @@ def test_pretraining_is_reproducible_and_compact_files_expand(tmp_path):
 
 
 def test_shipped_demo_weights_load():
-    from pathlib import Path
-
     from stages.pretrain_demo import RECIPES, SHIPPED
 
     for stem, (name, *_rest) in RECIPES.items():

@@ -136,7 +136,6 @@ def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path):
 
 
 def test_refuses_mismatched_inputs_before_training(prepared, tmp_path):
-    root = prepared["root"]
     # A cache from another manifest.
     write_shards(tmp_path / "other", num_shards=1, per_shard=8, seed=9)
     cli("manifest", tmp_path / "other" / "shard-000000.tar", "--out", tmp_path / "other.json")
