@@ -43,11 +43,14 @@ def combine_heads(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float
     return alpha * F.softmax(ce_logits.float(), dim=-1) + (1 - alpha) * F.softmax(kd_logits.float() / beta, dim=-1)
 
 
-def build_student(loaded, classnames: list[str], templates: list[str]) -> DualHeadStudent:
-    """A student from an open_clip model (clip_models.LoadedClip): image tower plus text-initialised heads."""
+def build_student(loaded, classnames: list[str], templates: list[str], device="cpu") -> DualHeadStudent:
+    """A student from an open_clip model (clip_models.LoadedClip): image tower plus text-initialised heads.
+
+    The text tower runs on `device` (1000 classes x 7 templates take a while on a CPU).
+    """
     from .clip_models import class_text_embeddings
 
-    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=False)
+    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=False, device=device)
     student = DualHeadStudent(loaded.model.visual, embeddings.shape[1], len(classnames))
     student.init_heads(embeddings)
     return student

@@ -28,10 +28,12 @@ class ZeroShotTeacher(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.visual(images)
-        # The classifier runs in fp32 whatever the tower ran in: logits and log-partitions are
-        # stored as exact as the embeddings allow.
-        features = F.normalize(features.float(), dim=-1)
-        return self.logit_scale * features @ self.class_embeddings.T
+        # The classifier runs in fp32 whatever the tower ran in (autocast off: under bf16 autocast
+        # the matmul would round the logits to bf16): logits and log-partitions are stored as exact
+        # as the embeddings allow.
+        with torch.autocast(features.device.type, enabled=False):
+            features = F.normalize(features.float(), dim=-1)
+            return self.logit_scale * features @ self.class_embeddings.T
 
 
 def summarize_logits(logits: torch.Tensor, k: int, temperatures: list[float]):

@@ -304,7 +304,7 @@ def run(config: Config) -> dict:
 
     # ---- model and optimiser ----------------------------------------------------------------------
     loaded = load_clip(config.student, config.pretrained)
-    student = build_student(loaded, classnames, templates)
+    student = build_student(loaded, classnames, templates, device=device)
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
     student_size = loaded.preprocess.image_size
     preprocess = loaded.preprocess.to_json()
@@ -366,8 +366,8 @@ def run(config: Config) -> dict:
                 losses = _losses(config, student, batches, normalize)
                 loss = sum(losses.values()) / config.grad_accum
             accelerator.backward(loss)
-            for name, value in losses.items():
-                window["sums"][name] = window["sums"].get(name, 0.0) + value.detach().float().item() / config.grad_accum
+            for name, value in losses.items():  # summed on the device: no sync per step
+                window["sums"][name] = window["sums"].get(name, 0.0) + value.detach().float() / config.grad_accum
             window["samples"] += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -380,7 +380,7 @@ def run(config: Config) -> dict:
             elapsed = time.perf_counter() - window["started"]
             steps_in_window = config.log_every if step % config.log_every == 0 else step % config.log_every
             record = {"step": step, "epoch": epoch, "lr": lr,
-                      **{k: v / steps_in_window for k, v in window["sums"].items()},
+                      **{k: v.item() / steps_in_window for k, v in window["sums"].items()},
                       "samples_per_second": window["samples"] / max(elapsed, 1e-9),
                       "data_wait_fraction": window["data"] / max(elapsed, 1e-9)}
             record["loss"] = sum(v for k, v in record.items() if k.startswith(("ce_", "kd_")))

@@ -99,6 +99,16 @@ def test_cache_metadata_identifies_what_built_it(dataset):
     assert "different views" in result.output
 
 
+def test_bf16_teacher_keeps_fp32_logits(dataset):
+    """Under bf16 autocast (the GPU default) the classifier still runs in fp32, and the cache is whole."""
+    bf16, fp32 = dataset["root"] / "bf16.zarr", dataset["root"] / "fp32.zarr"
+    cli(*cache_args(dataset, bf16, "--precision", "bf16", "--topk", "3"))
+    cli(*cache_args(dataset, fp32, "--topk", "3"))
+    cli("cache", "verify", bf16, "--manifest", dataset["manifest"])
+    for a, b in zip(dump(bf16), dump(fp32)):  # the tower ran in bf16: close, not equal
+        assert abs(a["views"][0]["log_partition"]["1"] - b["views"][0]["log_partition"]["1"]) < 0.5
+
+
 def test_resize_override_changes_view0(dataset):
     out = dataset["root"] / "squash.zarr"
     cli(*cache_args(dataset, out, "--resize", "squash"))
