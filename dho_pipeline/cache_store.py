@@ -179,6 +179,9 @@ class TeacherCache:
                     "use another --out, or delete the cache to rebuild it"
                 )
             return existing
+        if path.is_dir():  # a creation killed before its root zarr.json landed leaves only temp files
+            for leftover in path.glob("*.partial"):
+                leftover.unlink()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(f"{path} exists and is not a teacher cache; choose another --out")
         zarr = _zarr()

@@ -51,11 +51,23 @@ def strip_module_prefix(state_dict: dict) -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
 
+def _save(payload: dict, path: Path) -> None:
+    """torch.save with its failures (a full disk surfaces as RuntimeError from the zip writer) as one line."""
+    try:
+        torch.save(payload, path)
+    except (OSError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"writing checkpoint {path} failed ({first}); is the disk full? Free space and rerun "
+            "(training resumes from the newest complete checkpoint)"
+        ) from None
+
+
 def save_atomically(payload: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, temporary)
+        _save(payload, temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -76,7 +88,11 @@ def save_training_state(run_dir: Path, step: int, payload: dict, keep: int = 2) 
     temporary = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    torch.save(payload, temporary / "state.pt")
+    try:
+        _save(payload, temporary / "state.pt")
+    except UserError:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.rename(temporary, final)
     for old in complete_training_states(run_dir)[:-keep]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import pickle
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,8 +228,14 @@ def load_clip(
             )
         except UserError:
             raise
-        except Exception as error:
-            raise UserError(f"cannot build {name} with weights {weights or 'none'} ({error})") from None
+        except pickle.UnpicklingError:  # open_clip loads with weights_only=True: the file holds code
+            raise UserError(
+                f"weights file {weights} holds pickled objects that could run code, refused; use a plain "
+                "state-dict or safetensors file"
+            ) from None
+        except Exception as error:  # wrong weights for the architecture, unreadable file, ...
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise UserError(f"cannot build {name} with weights {weights or 'none'} ({first})") from None
     tokenizer = open_clip.get_tokenizer(name)
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"]

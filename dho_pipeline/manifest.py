@@ -131,7 +131,8 @@ def scan_manifest(patterns: list[str], workers: int = 4, progress: bool = True) 
     absent = [p for p in paths if not p.is_file()]
     if absent:
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise UserError(f"shard {absent[0]} does not exist{more}")
+        state = "is a directory, not a tar file" if absent[0].is_dir() else "does not exist"
+        raise UserError(f"shard {absent[0]} {state}{more}")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         scans = list(tqdm(pool.map(scan_shard, paths), total=len(paths), unit="shard", desc="manifest", disable=not progress))
     return build_manifest([entry_from_scan(path, scan) for path, scan in zip(paths, scans)])
@@ -222,38 +223,51 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _parse_entry(path: Path, index: int, raw: object) -> ShardEntry:
+    """One shard's record, every field checked for type and length (a hand-edited file must not crash)."""
     where = f"manifest {path}, shard #{index}"
     if not isinstance(raw, dict):
         raise UserError(f"{where} is not an object")
-    try:
-        name, count = raw["name"], raw["num_samples"]
-        entry = ShardEntry(
-            name=name,
-            path=_resolve(path.parent, raw["path"]),
-            num_samples=count,
-            size=raw["size"],
-            fingerprint=raw["fingerprint"],
-            keys=raw["keys"],
-            labels=raw["labels"],
-            image_ext=raw["image_ext"],
-            image_offsets=raw["image_offsets"],
-            image_sizes=raw["image_sizes"],
-        )
-    except KeyError as error:
-        raise UserError(f"{where} lacks the field {error}; rebuild the manifest") from None
-    except TypeError as error:
-        raise UserError(f"{where} is malformed ({error}); rebuild the manifest") from None
-    per_sample = [entry.keys, entry.image_offsets, entry.image_sizes]
-    per_sample += [entry.labels] if entry.labels is not None else []
-    per_sample += [entry.image_ext] if isinstance(entry.image_ext, list) else []
-    if not isinstance(count, int) or any(not isinstance(v, list) or len(v) != count for v in per_sample):
-        raise UserError(f"{where} ({name}): per-sample lists do not all have num_samples={count} entries")
-    return entry
+    missing = [k for k in ("name", "path", "num_samples", "size", "fingerprint", "keys", "labels", "image_ext",
+                           "image_offsets", "image_sizes") if k not in raw]
+    if missing:
+        raise UserError(f"{where} lacks the field '{missing[0]}'; rebuild the manifest")
+    count = raw["num_samples"]
+    problems = [
+        ("name", isinstance(raw["name"], str) and raw["name"] != "" and "/" not in raw["name"], "a file name"),
+        ("path", isinstance(raw["path"], str) and raw["path"] != "", "a path"),
+        ("num_samples", _is_int(count) and count >= 1, "a positive integer"),
+        ("size", _is_int(raw["size"]) and raw["size"] >= 0, "a byte count"),
+        ("fingerprint", isinstance(raw["fingerprint"], str), "a string"),
+    ]
+    for field_name, ok, expected in problems:
+        if not ok:
+            raise UserError(f"{where}: '{field_name}' must be {expected}; rebuild the manifest")
+
+    def per_sample(field_name: str, item_ok, expected: str, optional: bool = False) -> None:
+        values = raw[field_name]
+        if optional and values is None:
+            return
+        if not isinstance(values, list) or len(values) != count or not all(item_ok(v) for v in values):
+            raise UserError(f"{where}: '{field_name}' must be a list of {count} {expected}; rebuild the manifest")
+
+    per_sample("keys", lambda v: isinstance(v, str) and v != "", "non-empty strings")
+    per_sample("labels", lambda v: v is None or _is_int(v), "integers (or null)", optional=True)  # ranges: check_labels
+    per_sample("image_offsets", lambda v: _is_int(v) and v >= 0, "byte offsets")
+    per_sample("image_sizes", lambda v: _is_int(v) and v >= 0, "byte counts")
+    if not isinstance(raw["image_ext"], str):
+        per_sample("image_ext", lambda v: isinstance(v, str), "extensions")
+    return ShardEntry(
+        name=raw["name"], path=_resolve(path.parent, raw["path"]), num_samples=count, size=raw["size"],
+        fingerprint=raw["fingerprint"], keys=raw["keys"], labels=raw["labels"], image_ext=raw["image_ext"],
+        image_offsets=raw["image_offsets"], image_sizes=raw["image_sizes"],
+    )
 
 
-def _resolve(manifest_dir: Path, stored: object) -> Path:
-    if not isinstance(stored, str) or not stored:
-        raise TypeError("'path' must be a non-empty string")
+def _resolve(manifest_dir: Path, stored: str) -> Path:
     stored_path = Path(stored)
     return stored_path if stored_path.is_absolute() else manifest_dir / stored_path

@@ -91,6 +91,10 @@ def scan_shard(path: Path) -> ShardScan:
         if sample is None:
             return
         key = sample["key"]
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"shard {name}: member name {key!r} is not UTF-8; rename it (keys must be UTF-8 text)") from None
         if key in seen:
             raise UserError(f"shard {name}: key {key!r} occurs twice; keys must be unique within a shard")
         seen.add(key)
@@ -130,7 +134,9 @@ def scan_shard(path: Path) -> ShardScan:
                         if ext == "cls" or b'"label"' in data:
                             current["label"] = _parse_label(name, key, ext, data)
                 close_sample(current)
+                end_of_members = archive.offset
             fingerprint = reader.finish()
+        _check_end_marker(path, end_of_members)
     except FileNotFoundError:
         raise UserError(f"shard {name} does not exist") from None
     except IsADirectoryError:
@@ -150,6 +156,16 @@ def scan_shard(path: Path) -> ShardScan:
         image_offsets=offsets,
         image_sizes=sizes,
     )
+
+
+def _check_end_marker(path: Path, offset: int) -> None:
+    """A tar ends with two zero blocks. In stream mode tarfile takes a file cut off exactly between
+    members for a complete archive; this catches that (a partial copy, often block-aligned)."""
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        marker = stream.read(1024)
+    if len(marker) < 1024 or marker.count(0) != 1024:
+        raise UserError(f"shard {path} is truncated (no end-of-archive marker after its last member); re-copy it")
 
 
 def iter_shard_samples(path: Path) -> Iterator[dict]:

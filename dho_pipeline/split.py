@@ -57,8 +57,14 @@ class Split:
         return self.num_samples - self.num_labeled - self.num_holdout
 
     def check_manifest(self, manifest: Manifest, where: str = "split") -> None:
+        """The split indexes this manifest: same fingerprint, and every position exists, once."""
         if manifest.fingerprint != self.manifest_fingerprint:
             raise UserError(f"{where} was drawn from a different manifest; draw it again with `dho-pipeline split`")
+        sizes = {shard.name: shard.num_samples for shard in manifest.shards}
+        for part, chosen in (("labeled", self.labeled), ("holdout", self.holdout)):
+            for name, positions in chosen.items():
+                if name not in sizes or any(not 0 <= p < sizes[name] for p in positions) or len(set(positions)) != len(positions):
+                    raise UserError(f"{where}: its {part} positions in {name} do not fit the manifest; draw it again")
 
     def labeled_mask(self, manifest: Manifest) -> list[np.ndarray]:
         return _masks(manifest, self.labeled)
@@ -204,4 +210,17 @@ def load_split(path: str | Path) -> Split:
         raise UserError(f"split {path} lacks {error}") from None
     if fingerprint_json(content) != document.get("fingerprint"):
         raise UserError(f"split {path} was edited after it was drawn; draw it again")
+    for part in ("labeled", "holdout"):
+        chosen = content[part]
+        if not isinstance(chosen, dict) or not all(
+            isinstance(name, str) and isinstance(positions, list) and all(_is_position(p) for p in positions)
+            for name, positions in chosen.items()
+        ):
+            raise UserError(f"split {path}: '{part}' must map shard names to lists of positions; draw it again")
+    if not _is_position(content["num_samples"]) or not isinstance(content["method"], dict):
+        raise UserError(f"split {path} is malformed; draw it again")
     return Split(fingerprint=document["fingerprint"], **content)
+
+
+def _is_position(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +140,8 @@ def run(config: Config) -> dict:
 
         # ---- cache: rank 0 creates it (or checks that a resumed one matches), others follow ------
         def create_or_resume() -> None:
-            TeacherCache.create_or_resume(config.out, spec)
+            with _disk_errors(config.out, "creating"):
+                TeacherCache.create_or_resume(config.out, spec)
 
         on_main_then_share(state, create_or_resume)
         cache = TeacherCache.open(config.out)
@@ -168,6 +169,17 @@ def run(config: Config) -> dict:
     return summary
 
 
+@contextmanager
+def _disk_errors(out, doing: str):
+    """An OSError while writing the cache (a full disk, a read-only folder) as one line that says what to do."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"{doing} {out} failed ({error.strerror or error}); fix that (e.g. free disk space) and rerun to resume"
+        ) from None
+
+
 def _summarize(cache) -> dict:
     incomplete = cache.incomplete_shards()
     missing = sum((cache.shard_attrs(i) or {}).get("num_missing", 0) for i in range(len(cache.spec.shards)))
@@ -179,7 +191,8 @@ def _summarize(cache) -> dict:
         "num_missing": missing,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    cache.write_summary(summary)
+    with _disk_errors(cache.path, "writing the run summary of"):
+        cache.write_summary(summary)
     return summary
 
 
@@ -219,13 +232,8 @@ def _cache_shards(config, state, device, precision, teacher, cache, manifest, to
     def write(index: int, progress: _ShardProgress) -> None:
         started = time.perf_counter()
         entry = manifest.shards[index]
-        try:
+        with _disk_errors(config.out, f"writing shard {entry.name} to"):
             cache.write_shard(index, progress.data)
-        except OSError as error:
-            raise UserError(
-                f"writing shard {entry.name} to {config.out} failed ({error.strerror or error}); "
-                "fix that (e.g. free disk space) and rerun to resume"
-            ) from None
         append_jsonl(timings_path, {
             "rank": state.process_index, "shard": entry.name, "images": entry.num_samples,
             "views": entry.num_samples * config.views, "missing": int(progress.data.missing.sum()),

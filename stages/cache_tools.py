@@ -77,10 +77,15 @@ def format_info(report: dict) -> str:
         shown = ", ".join(report["incomplete_shards"][:5])
         lines.append(f"incomplete   {shown}{' ...' if len(report['incomplete_shards']) > 5 else ''}")
     for item in report["missing"][:20]:
-        lines.append(f"missing      {item['shard']} {item['key']}: {item['reason']}")
+        lines.append(f"missing      {_printable(item['shard'])} {_printable(item['key'])}: {_printable(item['reason'])}")
     if len(report["missing"]) > 20:
         lines.append(f"missing      ... and {len(report['missing']) - 20} more (see --json)")
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """Keys come from tar member names: escape control characters rather than send them to a terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
 
 def verify(path: Path, manifest_path: Path) -> list[str]:

@@ -344,67 +344,67 @@ def run(config: Config) -> dict:
     # ---- the loop ---------------------------------------------------------------------------------
     iterators = {name: iter(loader) for name, loader in streams.items()}
     metrics_path = out / "metrics.jsonl"
-    bar = tqdm(total=last_step, initial=step, unit="step", desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
     window = {"samples": 0, "data": 0.0, "started": time.perf_counter(), "sums": {}}
     last_eval = None
-    while step < last_step:
-        lr = lr_at(step, config, plan.total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        student.train()
-        for micro in range(config.grad_accum):
-            fetch_started = time.perf_counter()
-            batches = {name: next(iterator) for name, iterator in iterators.items()}
-            window["data"] += time.perf_counter() - fetch_started
-            for name in positions:
-                positions[name] += name in batches
-            sync = micro == config.grad_accum - 1
-            if teacher is not None:
-                _add_teacher_logits(teacher, batches, accelerator)
-            with (nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
-                losses = _losses(config, student, batches, normalize)
-                loss = sum(losses.values()) / config.grad_accum
-            accelerator.backward(loss)
-            for name, value in losses.items():  # summed on the device: no sync per step
-                window["sums"][name] = window["sums"].get(name, 0.0) + value.detach().float() / config.grad_accum
-            window["samples"] += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        epoch = (step - 1) // plan.steps_per_epoch
-        bar.update(1)
+    bar = tqdm(total=last_step, initial=step, unit="step", desc="train", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    with bar:  # closed (and its line ended) on the way out, errors included
+        while step < last_step:
+            lr = lr_at(step, config, plan.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            student.train()
+            for micro in range(config.grad_accum):
+                fetch_started = time.perf_counter()
+                batches = {name: next(iterator) for name, iterator in iterators.items()}
+                window["data"] += time.perf_counter() - fetch_started
+                for name in positions:
+                    positions[name] += name in batches
+                sync = micro == config.grad_accum - 1
+                if teacher is not None:
+                    _add_teacher_logits(teacher, batches, accelerator)
+                with (nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
+                    losses = _losses(config, student, batches, normalize)
+                    loss = sum(losses.values()) / config.grad_accum
+                accelerator.backward(loss)
+                for name, value in losses.items():  # summed on the device: no sync per step
+                    window["sums"][name] = window["sums"].get(name, 0.0) + value.detach().float() / config.grad_accum
+                window["samples"] += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            epoch = (step - 1) // plan.steps_per_epoch
+            bar.update(1)
 
-        # ---- log ----
-        if step % config.log_every == 0 or step == last_step:
-            elapsed = time.perf_counter() - window["started"]
-            steps_in_window = config.log_every if step % config.log_every == 0 else step % config.log_every
-            record = {"step": step, "epoch": epoch, "lr": lr,
-                      **{k: v.item() / steps_in_window for k, v in window["sums"].items()},
-                      "samples_per_second": window["samples"] / max(elapsed, 1e-9),
-                      "data_wait_fraction": window["data"] / max(elapsed, 1e-9)}
-            record["loss"] = sum(v for k, v in record.items() if k.startswith(("ce_", "kd_")))
-            if accelerator.is_main_process:
-                append_jsonl(metrics_path, record)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", *window["sums"], "lr")} | {"img/s": f"{record['samples_per_second']:.0f}"})
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            window = {"samples": 0, "data": 0.0, "started": time.perf_counter(), "sums": {}}
+            # ---- log ----
+            if step % config.log_every == 0 or step == last_step:
+                elapsed = time.perf_counter() - window["started"]
+                steps_in_window = config.log_every if step % config.log_every == 0 else step % config.log_every
+                record = {"step": step, "epoch": epoch, "lr": lr,
+                          **{k: v.item() / steps_in_window for k, v in window["sums"].items()},
+                          "samples_per_second": window["samples"] / max(elapsed, 1e-9),
+                          "data_wait_fraction": window["data"] / max(elapsed, 1e-9)}
+                record["loss"] = sum(v for k, v in record.items() if k.startswith(("ce_", "kd_")))
+                if accelerator.is_main_process:
+                    append_jsonl(metrics_path, record)
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", *window["sums"], "lr")} | {"img/s": f"{record['samples_per_second']:.0f}"})
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                window = {"samples": 0, "data": 0.0, "started": time.perf_counter(), "sums": {}}
 
-        # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps) ----
-        epoch_end = step % plan.steps_per_epoch == 0
-        if epoch_end and evaluation is not None:
-            last_eval = evaluation()
-            if accelerator.is_main_process:
-                append_jsonl(metrics_path, {"step": step, "epoch": epoch, "eval": last_eval})
-            accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
-        if epoch_end or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                payload = {"model": accelerator.unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
-                           "step": step, "positions": dict(positions), "epoch": epoch}
-                save_training_state(out, step, payload, keep=config.keep_checkpoints)
-            accelerator.wait_for_everyone()
-    bar.close()
+            # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps) ----
+            epoch_end = step % plan.steps_per_epoch == 0
+            if epoch_end and evaluation is not None:
+                last_eval = evaluation()
+                if accelerator.is_main_process:
+                    append_jsonl(metrics_path, {"step": step, "epoch": epoch, "eval": last_eval})
+                accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
+            if epoch_end or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    payload = {"model": accelerator.unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
+                               "step": step, "positions": dict(positions), "epoch": epoch}
+                    save_training_state(out, step, payload, keep=config.keep_checkpoints)
+                accelerator.wait_for_everyone()
 
     # ---- the released checkpoint ------------------------------------------------------------------
     finished = step >= plan.total_steps

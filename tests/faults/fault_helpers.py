@@ -1,0 +1,214 @@
+"""Helpers shared by the fault-injection suite (tests/faults/test_fault_*.py).
+
+Imported by the test modules as `fault_helpers` (pytest puts tests/faults on sys.path); the generic
+helpers (generated shards, class lists, the in-process CLI) come from tests/conftest.py.
+
+Faults that need a real process death run `dho-pipeline` in a subprocess under `fault_runner.py`,
+which arms one fault (a SIGKILL of its own process at a chosen point, inside zarr's or torch's
+writes) and then runs the ordinary command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import CLASSNAMES, TINY_TEACHER, cache_args, cli, image_bytes, random_image, write_lists, write_shards
+
+from stages.cli import main as cli_main
+
+RUNNER = Path(__file__).with_name("fault_runner.py")
+REPO = Path(__file__).resolve().parents[2]
+# Re-exported for the test modules: the generic helpers of tests/conftest.py.
+__all__ = ["CLASSNAMES", "TINY_TEACHER", "cache_args", "cli", "write_lists", "write_shards"]
+
+
+# ---- running commands ------------------------------------------------------------------------------
+
+
+def invoke(*args):
+    """Run the CLI in-process, catching everything, so a test can tell a clean error from a crash."""
+    return CliRunner().invoke(cli_main, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_clean_error(result, *needles: str) -> str:
+    """A user-fault outcome: non-zero exit through click's error path, one `Error: ...` line, no traceback.
+
+    Returns the error line.
+    """
+    assert result.exit_code != 0, f"expected a refusal, got exit 0:\n{result.output}"
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        trace = "".join(traceback.format_exception(result.exception))
+        raise AssertionError(f"uncaught {type(result.exception).__name__} (a traceback for the user):\n{trace[-3000:]}")
+    lines = result.output.rstrip("\n").splitlines()
+    assert lines and lines[-1].startswith("Error: "), f"the error is not one 'Error: ...' line:\n{result.output}"
+    assert "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[-1], f"{needle!r} not in the error line {lines[-1]!r}"
+    return lines[-1]
+
+
+def fault_command(spec: dict | None, *args) -> list[str]:
+    """argv that runs `dho-pipeline ARGS` with one fault armed (see fault_runner.py)."""
+    return [sys.executable, str(RUNNER), json.dumps(spec or {}), *[str(a) for a in args]]
+
+
+def popen(spec: dict | None, *args, cwd=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.Popen(fault_command(spec, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=cwd)
+
+
+def run_faulted(spec: dict | None, *args, timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """Run to the end (or to the armed kill); returns (returncode, output)."""
+    process = popen(spec, *args, cwd=cwd)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"command did not finish in {timeout}s:\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def kill_when(process: subprocess.Popen, condition, *, delay: float = 0.0, timeout: float = 120) -> bool:
+    """SIGKILL `process` `delay` seconds after `condition()` holds. False if it ended on its own first."""
+    deadline = time.time() + timeout
+    while process.poll() is None and not condition():
+        if time.time() > deadline:
+            raise AssertionError("kill condition never held")
+        time.sleep(0.01)
+    end = time.time() + delay
+    while process.poll() is None and time.time() < end:
+        time.sleep(0.005)
+    if process.poll() is not None:
+        process.communicate()
+        return False
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    return process.returncode == -signal.SIGKILL
+
+
+def line_count(path: Path) -> int:
+    try:
+        return path.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+# ---- datasets --------------------------------------------------------------------------------------
+
+
+def small_dataset(root: Path, num_shards: int = 3, per_shard: int = 6, seed: int = 0) -> dict:
+    """Generated shards, their manifest and tiny class/template lists."""
+    write_shards(root / "shards", num_shards=num_shards, per_shard=per_shard, seed=seed)
+    classes, templates = write_lists(root)
+    manifest = root / "manifest.json"
+    cli("manifest", str(root / "shards" / "*.tar"), "--out", manifest)
+    return {"root": root, "manifest": manifest, "classes": classes, "templates": templates,
+            "shards": sorted((root / "shards").glob("*.tar"))}
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT, encoding="utf-8") -> Path:
+    """A tar with exactly these (name, data) members, in this order (names are not sanitised)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=fmt, encoding=encoding) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            archive.addfile(info, BytesIO(data))
+    return path
+
+
+def jpeg(seed: int = 0, size=(40, 32)) -> bytes:
+    return image_bytes(random_image(np.random.default_rng(seed), *size), "JPEG")
+
+
+def label(value: int) -> bytes:
+    return str(value).encode()
+
+
+# ---- comparing caches --------------------------------------------------------------------------------
+
+
+def dump_records(cache: Path) -> list[dict]:
+    result = invoke("cache", "dump", cache)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def manifest_keys(manifest: Path) -> list[tuple[str, str]]:
+    from dho_pipeline.manifest import load_manifest
+
+    return [(s.name, k) for s in load_manifest(manifest).shards for k in s.keys]
+
+
+def rows_lost(reference: list[dict], candidate: list[dict], atol: float = 0.02) -> list[str]:
+    """Rows of `reference` that `candidate` lacks or holds differently (keys, boxes, flips, logits).
+
+    Logits may differ by float16 rounding; the top-k indices only where two logits (nearly) tie.
+    """
+    have = {(r["shard"], r["key"]): r for r in candidate}
+    lost = []
+    for row in reference:
+        other = have.get((row["shard"], row["key"]))
+        if other is None or set(other) != set(row) or ("views" in row and len(other["views"]) != len(row["views"])):
+            lost.append(f"{row['shard']}/{row['key']}: absent or different shape")
+            continue
+        for a, b in zip(row.get("views", []), other.get("views", [])):
+            problem = None
+            if a["box"] != b["box"] or a["flip"] != b["flip"]:
+                problem = "box/flip differ"
+            elif not np.allclose(a["topk_logit"], b["topk_logit"], atol=atol):
+                problem = "logits differ"
+            elif a["topk_index"] != b["topk_index"]:
+                logits = np.asarray(a["topk_logit"])
+                differ = [i for i, (x, y) in enumerate(zip(a["topk_index"], b["topk_index"])) if x != y]
+                near_tie = all(
+                    min(abs(logits[i] - logits[j]) for j in (i - 1, i + 1) if 0 <= j < len(logits)) <= atol
+                    for i in differ
+                )
+                problem = None if near_tie else "top-k indices differ"
+            elif any(abs(a["log_partition"][t] - b["log_partition"][t]) > 1e-3 for t in a["log_partition"]):
+                problem = "log-partitions differ"
+            if problem:
+                lost.append(f"{row['shard']}/{row['key']}: {problem}")
+                break
+    extra = {(r["shard"], r["key"]) for r in candidate} - {(r["shard"], r["key"]) for r in reference}
+    lost += [f"{s}/{k}: not in the reference" for s, k in sorted(extra)]
+    return lost
+
+
+def verify_ok(cache: Path, manifest: Path) -> None:
+    result = invoke("cache", "verify", cache, "--manifest", manifest)
+    assert result.exit_code == 0 and "OK" in result.output, result.output
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs on one intra-op thread: on 2 shared cores, two OpenMP threads that spin against
+    another busy process make tiny models 10-50x slower. Subprocesses get OMP_NUM_THREADS=1."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
