@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--percents", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/demo"))
+    parser.add_argument("--epochs", type=int, help="epochs per training run (default: the demo's)")
     args = parser.parse_args()
     cli = Path(sys.executable).parent / "dho-pipeline"
     runs = {}
@@ -39,7 +40,8 @@ def main() -> None:
         for percent in args.percents:
             started = time.perf_counter()
             result = subprocess.run(
-                [str(cli), "demo", "--out", str(args.out / f"seed{seed}"), "--seed", str(seed), "--percent", str(percent), "--json"],
+                [str(cli), "demo", "--out", str(args.out / f"seed{seed}"), "--seed", str(seed), "--percent", str(percent),
+                 "--json", *(["--epochs", str(args.epochs)] if args.epochs else [])],
                 capture_output=True, text=True,
             )
             if result.returncode != 0:
@@ -57,7 +59,8 @@ def main() -> None:
                              "values": values}
         summary[f"{percent:g}%"] = table
 
-    print(f"\ntest top-1 (%), mean +- std over seeds {args.seeds}; 397 test digits, tiny CLIPs")
+    epochs = next(iter(runs.values()))["config"]["epochs"]
+    print(f"\ntest top-1 (%), mean +- std over seeds {args.seeds}; 397 test digits, tiny CLIPs, {epochs} epochs")
     header = "| method | " + " | ".join(f"{p:g}% labels" for p in args.percents) + " |"
     print(header)
     print("|---|" + "---|" * len(args.percents))
@@ -89,7 +92,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.json").write_text(json.dumps({
-        "seeds": args.seeds, "percents": args.percents, "summary": summary, "checks": checks,
+        "seeds": args.seeds, "percents": args.percents, "epochs": epochs, "summary": summary, "checks": checks,
         "runs": {f"seed{s}-{p:g}pct": r for (s, p), r in runs.items()},
     }, indent=2) + "\n")
     print(f"\nwrote {args.out / 'comparison.json'}")

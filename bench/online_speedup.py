@@ -24,7 +24,7 @@ STUDENT = {"embed_dim": 64, "quick_gelu": True,
            "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}}
 TEACHER = {"embed_dim": 128, "quick_gelu": True,
-           "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 240, "head_width": 60, "patch_size": 8},
+           "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 256, "head_width": 64, "patch_size": 8},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}}
 
 
@@ -42,9 +42,11 @@ def flops(config_path: Path, backward: bool) -> float:
     return counter.get_total_flops()
 
 
-def samples_per_second(run_dir: Path, warmup_steps: int) -> float:
+def throughput(run_dir: Path, warmup_steps: int) -> tuple[float, float]:
+    """Median samples/s and share of time waiting for data, after warm-up."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["samples_per_second"] for r in rows if "loss" in r and r["step"] > warmup_steps)
+    rows = [r for r in rows if "loss" in r and r["step"] > warmup_steps]
+    return statistics.median(r["samples_per_second"] for r in rows), statistics.median(r["data_wait_fraction"] for r in rows)
 
 
 def main() -> None:
@@ -78,12 +80,13 @@ def main() -> None:
         train.run(train.Config(cache=None, out=folder / "online", teacher_online=True,
                                teacher=str(folder / "bench-teacher.json"), teacher_pretrained="none",
                                classnames=folder / "classes.txt", templates=folder / "templates.txt", **common))
-        cached = samples_per_second(folder / "cached", 5)
-        online = samples_per_second(folder / "online", 5)
-    print(f"student steps: cached {cached:.1f} samples/s, teacher online {online:.1f} samples/s, "
-          f"speedup {cached / online:.2f}x")
+        cached, cached_wait = throughput(folder / "cached", 5)
+        online, online_wait = throughput(folder / "online", 5)
+    print(f"student steps: cached {cached:.1f} samples/s ({100 * cached_wait:.0f}% of the time reading data), "
+          f"teacher online {online:.1f} samples/s ({100 * online_wait:.0f}% reading data): speedup {cached / online:.2f}x")
     save("online_speedup", {"flop_ratio_teacher_fwd_to_student_fwd_bwd": ratio, "cached_samples_per_second": cached,
                             "online_samples_per_second": online, "speedup": cached / online, "steps": args.steps,
+                            "cached_data_wait_fraction": cached_wait, "online_data_wait_fraction": online_wait,
                             "batch_size": args.batch_size, "image_size": SIZE})
 
 
