@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import UserError
-from .hashing import fingerprint_file
+from .hashing import weights_fingerprint
 from .jsonfiles import read_json
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -249,7 +249,7 @@ def load_clip(
     )
     if preprocess.resize_mode not in RESIZE_MODES:
         raise UserError(f"{name}: resize mode {preprocess.resize_mode!r} is not supported; pass --resize squash|shortest")
-    fingerprint = fingerprint_file(weights) if weights else f"random-init:seed={seed}"
+    fingerprint = weights_fingerprint(weights) if weights else f"random-init:seed={seed}"
     clip.eval()
     return LoadedClip(
         model=clip,

@@ -25,6 +25,30 @@ def fingerprint_file(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def safetensors_fingerprint(path: str | Path) -> str:
+    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order.
+
+    The file's bytes are not a stable identity: safetensors writes its header map in hash order, which
+    differs from process to process.
+    """
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as handle:
+        digest.update(json.dumps(handle.metadata(), sort_keys=True).encode())
+        for name in sorted(handle.keys()):
+            tensor = handle.get_tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """What identifies a weights file: its tensors for safetensors, its bytes otherwise."""
+    return safetensors_fingerprint(path) if str(path).endswith(".safetensors") else fingerprint_file(path)
+
+
 class HashingReader:
     """A read-only file wrapper that hashes every byte read through it.
 

@@ -111,25 +111,6 @@ def save_compact(model, used_tokens: list[int], path: Path, *, name: str, seed: 
     save_file(state, str(path), metadata=metadata)
 
 
-def content_fingerprint(path: Path) -> str:
-    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order.
-
-    The file bytes themselves are not reproducible: safetensors writes the metadata map in hash order.
-    """
-    import hashlib
-
-    from safetensors import safe_open
-
-    digest = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as handle:
-        digest.update(json.dumps(handle.metadata(), sort_keys=True).encode())
-        for name in sorted(handle.keys()):
-            tensor = handle.get_tensor(name).contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def expand_compact(path: Path, out: Path) -> dict:
     """Rebuild the full open_clip state dict from a compact file and save it as `out` (safetensors)."""
     from safetensors import safe_open

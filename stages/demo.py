@@ -136,7 +136,9 @@ def run(config: Config) -> dict:
     parts = write_digit_shards(out)
     weights = {stem: out / "weights" / f"{stem}.safetensors" for stem in ("tiny-teacher", "tiny-student")}
     for stem, path in weights.items():
-        expand_compact(SHIPPED / f"{stem}.safetensors", path)
+        if not path.exists():  # written whole or not at all (temporary name, then rename)
+            expand_compact(SHIPPED / f"{stem}.safetensors", path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
     teacher = ["--teacher", "dho-tiny-teacher", "--pretrained", weights["tiny-teacher"]]
     for part in ("train", "test"):
         run_cli(f"manifest ({part})", "manifest", *parts[part], "--out", out / f"{part}.json")

@@ -66,7 +66,8 @@ def run(config: Config) -> dict:
     import click
 
     from dho_pipeline.digits import CLASSNAMES, CROP_SCALE, TEMPLATES, load_digit_images, three_way_split
-    from dho_pipeline.tiny_clip import content_fingerprint, pretrain, save_compact
+    from dho_pipeline.hashing import safetensors_fingerprint as content_fingerprint
+    from dho_pipeline.tiny_clip import pretrain, save_compact
 
     images, labels = load_digit_images(32)
     parts = three_way_split(len(images))

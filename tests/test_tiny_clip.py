@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from dho_pipeline.digits import CLASSNAMES, CROP_SCALE, TEMPLATES, load_digit_images, three_way_split
-from dho_pipeline.tiny_clip import TOKEN_TABLE, content_fingerprint, expand_compact, pretrain, save_compact
+from dho_pipeline.hashing import safetensors_fingerprint as content_fingerprint
+from dho_pipeline.tiny_clip import TOKEN_TABLE, expand_compact, pretrain, save_compact
 
 
 def test_pretraining_is_reproducible_and_compact_files_expand(tmp_path):
@@ -33,3 +34,17 @@ def test_shipped_demo_weights_load():
 
     for stem, (name, *_rest) in RECIPES.items():
         assert (SHIPPED / f"{stem}.safetensors").stat().st_size < 3_000_000
+
+
+def test_weights_fingerprint_ignores_the_header_order(tmp_path):
+    """safetensors writes its header in hash order; the fingerprint must not care (cache specs use it)."""
+    from safetensors.torch import save_file
+
+    from dho_pipeline.hashing import weights_fingerprint
+
+    tensors = {"a": torch.arange(6.0), "b": torch.ones(2, 3)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"k1": "1", "k2": "2"})
+    save_file(dict(reversed(list(tensors.items()))), str(tmp_path / "y.safetensors"), metadata={"k2": "2", "k1": "1"})
+    assert weights_fingerprint(tmp_path / "x.safetensors") == weights_fingerprint(tmp_path / "y.safetensors")
+    save_file({**tensors, "a": torch.arange(6.0) + 1}, str(tmp_path / "z.safetensors"), metadata={"k1": "1", "k2": "2"})
+    assert weights_fingerprint(tmp_path / "z.safetensors") != weights_fingerprint(tmp_path / "x.safetensors")
