@@ -10,6 +10,8 @@ writes) and then runs the ordinary command line.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import os
 import signal
@@ -202,13 +204,22 @@ def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs on one intra-op thread: on 2 shared cores, two OpenMP threads that spin against
-    another busy process make tiny models 10-50x slower. Subprocesses get OMP_NUM_THREADS=1."""
+@contextmanager
+def one_thread():
+    """Torch on one intra-op thread: on 2 shared cores, two OpenMP threads that spin against another
+    busy process make tiny models 10-50x slower. Subprocesses get OMP_NUM_THREADS=1."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every in-process run of a test on one thread (see one_thread)."""
+    with one_thread():
+        yield

@@ -8,10 +8,9 @@ import shutil
 import tarfile
 
 import pytest
-import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_clean_error, cache_args, dump_records, invoke, jpeg, label, one_torch_thread, small_dataset, verify_ok,
-    write_lists, write_tar,
+    assert_clean_error, cache_args, dump_records, invoke, jpeg, label, one_thread, one_torch_thread,
+    small_dataset, verify_ok, write_lists, write_tar,
 )
 
 from dho_pipeline.cache_store import TeacherCache
@@ -29,15 +28,11 @@ def _outcome(case: str, line: str) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Two labeled shards, a top-3 cache at T = 1, 2 built from them, and a split."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         root = tmp_path_factory.mktemp("bad-inputs")
         data = small_dataset(root, num_shards=2, per_shard=8)
         assert invoke(*cache_args(data, root / "c.zarr", *BASE_CACHE)).exit_code == 0
         assert invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json").exit_code == 0
-    finally:
-        torch.set_num_threads(previous)
     return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
 
 

@@ -14,8 +14,8 @@ import re
 
 import pytest
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    cache_args, dump_records, invoke, kill_when, line_count, manifest_keys, one_torch_thread,
-    popen, rows_lost, run_faulted, small_dataset, verify_ok,
+    cache_args, dump_records, invoke, kill_when, line_count, manifest_keys, one_thread, one_torch_thread, popen,
+    rows_lost, run_faulted, small_dataset, verify_ok,
 )
 
 from dho_pipeline.cache_store import TeacherCache
@@ -28,16 +28,10 @@ KILLS = 10
 @pytest.fixture(scope="module")
 def ten_shards(tmp_path_factory):
     """Ten small shards and the cache an uninterrupted run builds from them."""
-    import torch
-
     root = tmp_path_factory.mktemp("kill-cache")
     data = small_dataset(root, num_shards=10, per_shard=6)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         result = invoke(*cache_args(data, root / "clean.zarr", *EXTRA))
-    finally:
-        torch.set_num_threads(previous)
     assert result.exit_code == 0, result.output
     return {**data, "clean": root / "clean.zarr", "reference": dump_records(root / "clean.zarr")}
 

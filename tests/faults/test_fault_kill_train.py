@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    cache_args, invoke, kill_when, line_count, one_torch_thread, popen, run_faulted, small_dataset,
+    cache_args, invoke, kill_when, line_count, one_thread, one_torch_thread, popen, run_faulted, small_dataset,
 )
 
 EPOCHS = 10  # 19 unlabeled // batch 4 = 4 steps per epoch: 40 steps
@@ -19,17 +19,13 @@ EPOCHS = 10  # 19 unlabeled // batch 4 = 4 steps per epoch: 40 steps
 
 @pytest.fixture(scope="module")
 def trainable(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         root = tmp_path_factory.mktemp("kill-train")
         data = small_dataset(root, num_shards=3, per_shard=8)
         result = invoke(*cache_args(data, root / "c.zarr", "--views", "2", "--topk", "3"))
         assert result.exit_code == 0, result.output
         result = invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json")
         assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(previous)
     return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
 
 

@@ -9,7 +9,6 @@ import re
 import uuid
 from pathlib import Path
 
-import pytest
 import torch
 import zarr
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)

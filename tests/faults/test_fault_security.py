@@ -8,7 +8,7 @@ import ast
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    REPO, assert_clean_error, cache_args, invoke, one_torch_thread, small_dataset,
+    REPO, assert_clean_error, cache_args, invoke, one_thread, one_torch_thread, small_dataset,
 )
 
 SOURCES = sorted([*(REPO / "dho_pipeline").rglob("*.py"), *(REPO / "stages").rglob("*.py")])
@@ -75,15 +75,11 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         root = tmp_path_factory.mktemp("security")
         data = small_dataset(root, num_shards=2, per_shard=8)
         assert invoke(*cache_args(data, root / "c.zarr", "--views", "1", "--topk", "3")).exit_code == 0
         assert invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json").exit_code == 0
-    finally:
-        torch.set_num_threads(previous)
     return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
 
 
