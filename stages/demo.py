@@ -224,8 +224,9 @@ def _write_report(folder: Path, results: dict, dho_run: Path) -> None:
         "",
         f"DHO's calibrated mix: alpha = {results['dho_alpha_beta']['alpha']:g}, beta = {results['dho_alpha_beta']['beta']:g} "
         f"(chosen on {results['dho_alpha_beta']['held_out_images']} held-out train images). One seed on 397 test images: "
-        "one image is 0.25 points, and seed-to-seed noise is a point or two; compare methods over seeds "
-        "(`bench/demo_comparison.py`).",
+        "one image is 0.25 points, and seed-to-seed noise is one to five points; compare methods over seeds "
+        "(`bench/demo_comparison.py`, figures in the README). At the demo's short budget the runs on several "
+        "views underfit (their KD loss is still falling at the end); with more epochs they catch up.",
         "",
         "![accuracy](accuracy.png) ![training loss](dho-training-loss.png) ![calibration](dho-calibration.png)",
         "",
