@@ -63,6 +63,14 @@ def write_jpeg_shards(folder: Path, shards: int, per_shard: int, size=(500, 375)
     return paths
 
 
+def write_class_lists(folder: Path) -> tuple[Path, Path]:
+    """1000 class names and one template, as ImageNet-sized inputs for cache-teacher."""
+    classes, templates = folder / "classes.txt", folder / "templates.txt"
+    classes.write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
+    templates.write_text("a photo of a {}.\n")
+    return classes, templates
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import save, write_jpeg_shards
+from common import save, write_class_lists, write_jpeg_shards
 
 CLI = str(Path(sys.executable).parent / "dho-pipeline")
 
@@ -52,8 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        (folder / "classes.txt").write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
-        (folder / "templates.txt").write_text("a photo of a {}.\n")
+        write_class_lists(folder)
         small = measure(folder / "small", args.shards, args.per_shard, folder / "classes.txt", folder / "templates.txt")
         large = measure(folder / "large", 10 * args.shards, args.per_shard, folder / "classes.txt", folder / "templates.txt")
     for row in (small, large):

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import save, write_jpeg_shards
+from common import save, write_class_lists, write_jpeg_shards
 
 SIZE = 64
 STUDENT = {"embed_dim": 64, "quick_gelu": True,
@@ -63,8 +63,7 @@ def main() -> None:
         ratio = flops(folder / "bench-teacher.json", False) / flops(folder / "bench-student.json", True)
         print(f"teacher forward / student forward+backward FLOPs: {ratio:.1f} (target about 10)")
         paths = write_jpeg_shards(folder / "shards", 2, 320, size=(96, 80), num_classes=10)
-        (folder / "classes.txt").write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
-        (folder / "templates.txt").write_text("a photo of a {}.\n")
+        write_class_lists(folder)
         manifest.run(manifest.Config(shards=tuple(str(p) for p in paths), out=folder / "m.json"))
         cache_teacher.run(cache_teacher.Config(
             manifest=folder / "m.json", out=folder / "c.zarr", teacher=str(folder / "bench-teacher.json"),

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import Timer, save, write_jpeg_shards
+from common import Timer, save, write_class_lists, write_jpeg_shards
 
 SIZE = (224, 224)
 FREE_TEACHER = {
@@ -66,8 +66,7 @@ def cache_teacher_seconds(paths, folder: Path, views: int) -> float:
     from stages import cache_teacher, manifest
 
     (folder / "free.json").write_text(json.dumps(FREE_TEACHER))
-    (folder / "classes.txt").write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
-    (folder / "templates.txt").write_text("a photo of a {}.\n")
+    write_class_lists(folder)
     manifest.run(manifest.Config(shards=tuple(str(p) for p in paths), out=folder / "m.json"))
     config = dict(manifest=folder / "m.json", teacher=str(folder / "free.json"), pretrained="none",
                   classnames=folder / "classes.txt", templates=folder / "templates.txt", views=views, workers=0,

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import Timer, save, write_jpeg_shards
+from common import Timer, save, write_class_lists, write_jpeg_shards
 from stage1_datapath import FREE_TEACHER
 
 
@@ -25,8 +25,7 @@ def build(folder: Path, shards: int, per_shard: int):
 
     paths = write_jpeg_shards(folder / "shards", shards, per_shard, num_classes=10)
     (folder / "free.json").write_text(json.dumps(FREE_TEACHER))
-    (folder / "classes.txt").write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
-    (folder / "templates.txt").write_text("a photo of a {}.\n")
+    write_class_lists(folder)
     manifest.run(manifest.Config(shards=tuple(str(p) for p in paths), out=folder / "m.json"))
     cache_teacher.run(cache_teacher.Config(
         manifest=folder / "m.json", out=folder / "c.zarr", teacher=str(folder / "free.json"), pretrained="none",
