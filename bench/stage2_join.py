@@ -69,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         build(folder, args.shards, args.per_shard)
-        batches = (args.shards * args.per_shard * 9 // 10) // args.batch_size
+        batches = max(1, (args.shards * args.per_shard * 9 // 10) // args.batch_size)
         stream(folder, 1, args.batch_size, True)  # warm caches and imports
         with_join, without = [], []
         for _ in range(args.repeats):
