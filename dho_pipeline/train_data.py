@@ -25,7 +25,6 @@ student always see the same view.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -37,9 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .cache_store import TeacherCache
 from .errors import UserError
 from .manifest import Manifest
-from .views import (
-    VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, describe_decode_error, draw_view, draw_views, render_view,
-)
+from .views import ViewPolicy, center_box, decode_rgb, describe_decode_error, draw_view, render_view
 
 SHARDS_PER_GROUP = 4  # unlabeled shards whose samples are shuffled together
 
@@ -316,9 +313,7 @@ class StudentBatches(IterableDataset):
             ]
             return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn]), None
         if self.rows is None:
-            center = ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE)
-            boxes = np.stack([draw_views(center, "", "", *image.size)[0][0] for image in images])
-            return boxes, np.zeros(n, bool), None
+            return np.stack([center_box(*image.size) for image in images]), np.zeros(n, bool), None
         rows = self.rows.get(sample_ids)
         views = np.array([
             (epoch + _view_offset(self.table.shard_names[self.table.shard[i]], self.table.key(i))) % self.num_views
@@ -333,7 +328,6 @@ class StudentBatches(IterableDataset):
         return rows.boxes[pick], rows.flips[pick], target
 
     def _batch(self, reader: _ImageReader, index: int) -> dict:
-        started = time.perf_counter()
         sample_ids, epochs = self.stream.batch(index)
         images = []
         for sample_id in sample_ids:
@@ -348,7 +342,6 @@ class StudentBatches(IterableDataset):
                 ) from None
         boxes, flips, target = self._views(sample_ids, epochs, images)
         batch = {
-            "index": index,
             "ids": torch.from_numpy(sample_ids),
             "labels": torch.from_numpy(self.table.label[sample_ids]),
             "pixels": torch.from_numpy(np.stack([
@@ -361,5 +354,4 @@ class StudentBatches(IterableDataset):
             ]))
         if target is not None:
             batch.update(target)
-        batch["read_seconds"] = time.perf_counter() - started
         return batch

@@ -122,6 +122,11 @@ def draw_views(policy: ViewPolicy, shard_name: str, key: str, width: int, height
     return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn], dtype=bool)
 
 
+def center_box(width: int, height: int) -> np.ndarray:
+    """The centred square (uint16 box): a CLIP student's evaluation view, resize-shortest + centre-crop."""
+    return quantize_box(*_view0_box(width, height, VIEW0_CENTER_SQUARE), width, height)
+
+
 def box_fractions(box: np.ndarray) -> list[float]:
     return [float(v) / BOX_SCALE for v in box]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, PRECISIONS, append_jsonl, log, on_main_then_share
+from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, PRECISIONS, append_jsonl, autocast, log, on_main_then_share
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
 DEFAULT_PRETRAINED = "dfn5b"
@@ -81,14 +81,14 @@ class _ShardProgress:
 
 
 def run(config: Config) -> dict:
-    from dho_pipeline.cache_store import CacheSpec, ShardData, TeacherCache, exclusive_writer, index_dtype
+    from dho_pipeline.cache_store import CacheSpec, TeacherCache, exclusive_writer
     from dho_pipeline.clip_models import class_text_embeddings, load_clip
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.teacher import LOGIT_SCALE, ZeroShotTeacher
     from dho_pipeline.textlists import read_classnames, read_templates
     from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
 
-    from .common import autocast, process_state, resolve_device, resolve_precision
+    from .common import process_state, resolve_device, resolve_precision
 
     # ---- inputs, all checked before the teacher is loaded ----------------------------------------
     manifest = load_manifest(config.manifest)
@@ -149,19 +149,11 @@ def run(config: Config) -> dict:
         mine = [i for i in range(len(manifest.shards)) if i % state.num_processes == state.process_index]
         todo = [i for i in mine if not cache.is_complete(i)]
         if state.is_main_process:
-            log.info(
-                "%d of %d shards already complete; %d to do across %d process(es)",
-                len(manifest.shards) - len(cache.incomplete_shards()), len(manifest.shards),
-                len(cache.incomplete_shards()), state.num_processes,
-            )
+            left = len(cache.incomplete_shards())
+            log.info("%d of %d shards already complete; %d to do across %d process(es)",
+                     len(manifest.shards) - left, len(manifest.shards), left, state.num_processes)
 
-        _cache_shards(
-            config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess,
-            new_shard=lambda i: ShardData.empty(
-                manifest.shards[i].keys, config.views, k, len(config.temperatures), index_dtype(len(classnames))
-            ),
-            autocast=autocast,
-        )
+        _cache_shards(config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess)
 
         # ---- summary, by rank 0 once every rank is done ------------------------------------------
         state.wait_for_everyone()
@@ -196,11 +188,12 @@ def _summarize(cache) -> dict:
     return summary
 
 
-def _cache_shards(config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess, new_shard, autocast):
+def _cache_shards(config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess):
     """The loop: batches of views in, teacher logits out, whole shards handed to the writer."""
     import torch
     from tqdm import tqdm
 
+    from dho_pipeline.cache_store import ShardData, index_dtype
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.teacher import summarize_logits
     from dho_pipeline.view_batches import ShardTask, ViewBatches
@@ -218,7 +211,12 @@ def _cache_shards(config, state, device, precision, teacher, cache, manifest, to
         persistent_workers=False,
     )
     normalize = Normalizer(preprocess.mean, preprocess.std, device)
-    k, temperatures = cache.spec.topk, cache.spec.temperatures
+    spec = cache.spec
+    k, temperatures = spec.topk, spec.temperatures
+
+    def new_shard(index: int) -> ShardData:
+        return ShardData.empty(manifest.shards[index].keys, spec.num_views, k, len(temperatures), index_dtype(spec.num_classes))
+
     timings_path = Path(str(config.out).rstrip("/") + ".timings.jsonl")
 
     in_progress: dict[int, _ShardProgress] = {}

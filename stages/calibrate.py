@@ -69,8 +69,6 @@ def _check_overlap(config: Config, loaded, manifest, ids) -> int:
 
 
 def run(config: Config) -> dict:
-    import torch
-
     from dho_pipeline.checkpoints import save_release_checkpoint, strip_module_prefix
     from dho_pipeline.evaluation import (
         ALPHA_GRID, BETA_GRID, best_point, finish_statistics, grid_correct, refinement_grid, student_logits_on,
@@ -79,7 +77,10 @@ def run(config: Config) -> dict:
     from dho_pipeline.hashing import fingerprint_json
 
     from .common import autocast
-    from .evaluate import load_inputs, reduce_sum
+    from dho_pipeline.jsonfiles import write_text_atomically
+
+    from .common import reduce_sum
+    from .evaluate import load_inputs
 
     loaded, manifest, state, device, precision = load_inputs(config)
     ids, source = _calibration_ids(config, manifest)
@@ -88,7 +89,7 @@ def run(config: Config) -> dict:
         loaded, manifest, ids, rank=state.process_index, world=state.num_processes, batch_size=config.batch_size,
         workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
     )
-    total = int(reduce_sum(state, torch.tensor([float(len(logits["labels"]))]))[0])
+    total = len(ids)  # each process evaluated its share; together, every id once
 
     coarse = reduce_sum(state, grid_correct(logits, ALPHA_GRID, BETA_GRID))
     alpha, beta, _ = best_point(coarse, ALPHA_GRID, BETA_GRID)
@@ -120,7 +121,7 @@ def run(config: Config) -> dict:
             acc=correct / max(1, total), alpha=alpha, beta=beta, metadata=meta,
         )
         out = Path(config.out)
-        out.with_name(out.name + ".calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(out.with_name(out.name + ".calibration.json"), json.dumps(report, indent=2) + "\n")
         save_heatmap(report, out.with_name(out.name + ".calibration.png"))
     return report
 

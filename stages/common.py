@@ -86,6 +86,15 @@ def on_main_then_share(state, work: Callable[[], T]) -> T:
     return value
 
 
+def reduce_sum(state, tensor):
+    """Sum a tensor over all processes (a no-op alone); the result is on the CPU."""
+    if state.num_processes == 1:
+        return tensor
+    from accelerate.utils import reduce
+
+    return reduce(tensor.to(state.device), reduction="sum").cpu()
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line; a single O_APPEND write, so lines from several ranks never interleave."""
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n"

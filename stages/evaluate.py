@@ -46,21 +46,12 @@ def load_inputs(config):
     return loaded, manifest, state, device, resolve_precision(config.precision, device)
 
 
-def reduce_sum(state, tensor):
-    """Sum a tensor over all processes (no-op alone)."""
-    if state.num_processes == 1:
-        return tensor
-    from accelerate.utils import reduce
-
-    return reduce(tensor.to(state.device), reduction="sum").cpu()
-
-
 def run(config: Config) -> dict:
     import numpy as np
 
     from dho_pipeline.evaluation import finish_statistics, student_logits_on, sufficient_statistics
 
-    from .common import autocast
+    from .common import autocast, reduce_sum
 
     loaded, manifest, state, device, precision = load_inputs(config)
     alpha = loaded.alpha if config.alpha is None else config.alpha

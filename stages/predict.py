@@ -32,9 +32,7 @@ def run(config: Config) -> list[dict]:
     from dho_pipeline.released import load_student
     from dho_pipeline.student import combine_heads
     from dho_pipeline.textlists import read_classnames
-    from dho_pipeline.views import (
-        VIEW0_CENTER_SQUARE, ViewPolicy, decode_rgb, describe_decode_error, draw_views, render_view,
-    )
+    from dho_pipeline.views import center_box, decode_rgb, describe_decode_error, render_view
 
     # Every image is read and decoded before anything is printed: a bad one stops the run cleanly.
     images = []
@@ -48,11 +46,7 @@ def run(config: Config) -> list[dict]:
     classnames = read_classnames(config.classnames) if config.classnames else None
     loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    center = ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE)
-    pixels = np.stack([
-        render_view(image, draw_views(center, "", "", *image.size)[0][0], False, loaded.preprocess.image_size)
-        for image in images
-    ])
+    pixels = np.stack([render_view(image, center_box(*image.size), False, loaded.preprocess.image_size) for image in images])
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
     with torch.no_grad():
         ce_logits, kd_logits = loaded.model.to(device)(normalize(torch.from_numpy(pixels)))

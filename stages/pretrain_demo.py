@@ -36,13 +36,12 @@ class Config:
 def _pixels(images, indices):
     import numpy as np
 
-    from dho_pipeline.views import VIEW0_CENTER_SQUARE, ViewPolicy, draw_views, render_view
+    from dho_pipeline.views import center_box, render_view
 
-    policy = ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE)
     mean = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
     std = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
     rendered = np.stack([
-        render_view(images[i], draw_views(policy, "", "", *images[i].size)[0][0], False, (32, 32)) for i in indices
+        render_view(images[i], center_box(*images[i].size), False, (32, 32)) for i in indices
     ])
     return ((rendered.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy()
 

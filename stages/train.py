@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import PRECISIONS, append_jsonl, log
+from .common import PRECISIONS, append_jsonl, log, reduce_sum
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
 
@@ -125,23 +125,26 @@ def lr_at(step: int, config: Config, total_steps: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _micro_batch(config: Config, world: int) -> int:
+    """Samples per stream, micro-step and process: the global batch split over processes and accumulation."""
+    if config.batch_size % (world * config.grad_accum):
+        raise UserError(
+            f"--batch-size {config.batch_size} must be divisible by processes x --grad-accum ({world} x {config.grad_accum})"
+        )
+    return config.batch_size // (world * config.grad_accum)
+
+
 @dataclass
 class _Plan:
     """Step arithmetic, identical on every rank."""
 
-    micro_batch: int  # samples per stream per micro-step per process
-    steps_per_epoch: int  # optimiser steps
+    steps_per_epoch: int  # optimiser steps: one pass over the unlabeled set
     total_steps: int
 
-
-def _plan(config: Config, num_unlabeled: int, world: int) -> _Plan:
-    per_micro = world * config.grad_accum
-    if config.batch_size % per_micro:
-        raise UserError(
-            f"--batch-size {config.batch_size} must be divisible by processes x --grad-accum ({world} x {config.grad_accum})"
-        )
-    steps_per_epoch = max(1, num_unlabeled // config.batch_size)
-    return _Plan(config.batch_size // per_micro, steps_per_epoch, steps_per_epoch * config.epochs)
+    @classmethod
+    def of(cls, config: Config, num_unlabeled: int) -> "_Plan":
+        steps_per_epoch = max(1, num_unlabeled // config.batch_size)
+        return cls(steps_per_epoch, steps_per_epoch * config.epochs)
 
 
 def _check_inputs(config: Config):
@@ -323,13 +326,13 @@ def run(config: Config) -> dict:
     student, optimizer = accelerator.prepare(student, optimizer)
 
     # ---- data -------------------------------------------------------------------------------------
-    micro_batch = _plan(config, split.num_unlabeled, accelerator.num_processes).micro_batch
+    micro_batch = _micro_batch(config, accelerator.num_processes)
     teacher = _online_teacher(config, classnames, templates, device) if config.teacher_online else None
     streams, counts, table, labeled_ids = _streams(
         config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions,
         teacher_size=teacher["size"] if teacher else None,
     )
-    plan = _plan(config, counts["unlabeled"], accelerator.num_processes)
+    plan = _Plan.of(config, counts["unlabeled"])
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
     evaluation = _evaluator(config, accelerator, student, normalize, student_size, classnames)
     if accelerator.is_main_process:
@@ -337,7 +340,7 @@ def run(config: Config) -> dict:
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
             "%d + %d per step on each of %d process(es)",
             counts["labeled"], counts["unlabeled"], counts["skipped_missing"], plan.steps_per_epoch, plan.total_steps,
-            plan.micro_batch, plan.micro_batch, accelerator.num_processes,
+            micro_batch, micro_batch, accelerator.num_processes,
         )
         accelerator.init_trackers("dho", config={k: str(v) for k, v in config.to_json().items()})
 
@@ -521,8 +524,8 @@ def _evaluator(config: Config, accelerator, student, normalize, student_size, ca
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(config.workers, stream.num_batches))
         logits = collect_logits(student, loader, normalize, accelerator.autocast)
         # Sums over ranks: every sample counted exactly once.
-        stats = sufficient_statistics(logits, 0.5, 0.5, num_classes).to(accelerator.device)
-        report = finish_statistics(accelerator.reduce(stats, reduction="sum"), num_classes)
+        stats = sufficient_statistics(logits, 0.5, 0.5, num_classes)
+        report = finish_statistics(reduce_sum(accelerator.state, stats), num_classes)
         return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
 
     return evaluate

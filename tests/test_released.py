@@ -81,10 +81,9 @@ def card_probabilities(model, pixels: np.ndarray, alpha: float, beta: float) -> 
 
 
 def student_view(image: Image.Image) -> np.ndarray:
-    from dho_pipeline.views import VIEW0_CENTER_SQUARE, ViewPolicy, draw_views, render_view
+    from dho_pipeline.views import center_box, render_view
 
-    box = draw_views(ViewPolicy(num_views=1, seed=0, view0=VIEW0_CENTER_SQUARE), "", "", *image.size)[0][0]
-    return render_view(image, box, False, (224, 224))
+    return render_view(image, center_box(*image.size), False, (224, 224))
 
 
 def test_released_checkpoint_predicts_as_the_model_card_computes(released):
