@@ -382,12 +382,34 @@ def section_env(ctx) -> dict:
     name = env.get("device_name")
     env["peak_bf16_flops"], env["peak_key"] = peak_flops(name)
     ctx["peak"], ctx["device_name"] = env["peak_bf16_flops"], name
+    if torch.cuda.is_available():  # what a plain bf16 matrix product reaches here (MFU is also given against it)
+        try:
+            env["measured_bf16_matmul_flops"] = ctx["measured_peak"] = measured_matmul_flops(torch)
+            say(f"bf16 8192^3 matmul: {env['measured_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+        except Exception as error:
+            env["measured_bf16_matmul_flops"] = f"error: {error}"
     say(f"device: {name or 'cpu'}; peak bf16 dense {env['peak_bf16_flops']}; torch {torch.__version__}; "
         f"regex: {ctx['regex']['using']}; /dev/shm {env['dev_shm_gb']} GB")
     missing = [k for k, v in versions.items() if str(v).startswith("MISSING")]
     if missing:
         say(f"missing imports: {', '.join(missing)}")
     return env
+
+
+def measured_matmul_flops(torch, size: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    flops = 2 * size**3 * reps / (time.perf_counter() - started)
+    del a, b
+    torch.cuda.empty_cache()
+    return flops
 
 
 # ---- section 1: the teacher, model only --------------------------------------------------------------
@@ -1070,6 +1092,9 @@ def write_summary(ctx) -> None:
                                 if (HEADLINE.get("cache_teacher") or {}).get("ratio_steady_to_model_only") else None},
         "train_speedup": {"target": 8.0, **(HEADLINE.get("train") or {})},
     }
+    measured = ctx.get("measured_peak")
+    if measured and overall and overall.get("images_per_second") and ctx.get("flops_per_image"):
+        targets["teacher_mfu"]["mfu_vs_measured_matmul"] = overall["images_per_second"] * ctx["flops_per_image"] / measured
     cache = HEADLINE.get("cache_teacher") or {}
     if cache.get("steady_images_per_second") and overall and overall.get("images_per_second"):
         targets["cache_teacher_ratio"]["ratio_steady_to_best_model_only"] = \
