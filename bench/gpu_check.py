@@ -309,6 +309,7 @@ def settings(args) -> dict:
             shards=2, per_shard=64, image=(64, 48), label_classes=20, gen_procs=2, workers=2,
             train_batches=[16, 8], cached_steps=8, online_steps=6, log_every=2, warmup_steps=2,
             measure_seconds=0.15, compile_backend=args.compile_backend or "aot_eager", stage_precision="bf16",
+            stage_compile=True,
             caps=dict(teacher_model=60, cache_teacher=60, train=90, teacher_compile=60),
         )
     return dict(
@@ -316,6 +317,7 @@ def settings(args) -> dict:
         shards=24, per_shard=512, image=(500, 375), label_classes=100, gen_procs=14, workers=14,
         train_batches=[256, 128], cached_steps=50, online_steps=20, log_every=5, warmup_steps=10,
         measure_seconds=2.5, compile_backend=args.compile_backend or "inductor", stage_precision=None,
+            stage_compile=None,
         caps=dict(teacher_model=170, cache_teacher=150, train=230, teacher_compile=150),
     )
 
@@ -630,27 +632,63 @@ def section_teacher_model(ctx) -> dict:
                     best = (variant, int(batch), ips)
         return best
 
-    batches = cfg["batches"]
-    say("section 1: fp32 weights + bf16 autocast (what cache-teacher runs)")
+    quick = ctx["args"].quick
+    batches = cfg["batches"][-1:] if quick else cfg["batches"]
+    say("section 1: fp32 weights + bf16 autocast (cache-teacher's first default)")
     run_variant("eager_autocast", teacher, batches)
-    with torch.inference_mode(), autocast():
-        fig["attention"]["profile_autocast"] = profile_forward(lambda: teacher(make_input(batches[0])), device)
+    if not quick:
+        with torch.inference_mode(), autocast():
+            fig["attention"]["profile_autocast"] = profile_forward(lambda: teacher(make_input(batches[0])), device)
     save("teacher_model", fig)
 
     say("section 1: weights cast to bf16 (.to(torch.bfloat16)), no autocast")
     teacher_bf16 = copy.deepcopy(teacher)
     teacher_bf16.visual.to(torch.bfloat16)  # the classifier stays fp32, as ZeroShotTeacher expects
     run_variant("eager_bf16", teacher_bf16, batches, bf16_weights=True, use_autocast=False)
-    with torch.inference_mode():
-        fig["attention"]["profile_bf16"] = profile_forward(
-            lambda: teacher_bf16(make_input(batches[0], dtype=torch.bfloat16)), device)
+    if not quick:
+        with torch.inference_mode():
+            fig["attention"]["profile_bf16"] = profile_forward(
+                lambda: teacher_bf16(make_input(batches[0], dtype=torch.bfloat16)), device)
     save("teacher_model", fig)
 
-    # cache-teacher runs fp32 weights under autocast: its best batch is the one section 2 uses
-    autocast_best = best_of(["eager_autocast"]) or best_of(["eager_bf16"])
+    # cache-teacher runs bf16 weights: its best batch is the one section 2 uses
+    autocast_best = best_of(["eager_bf16"]) or best_of(["eager_autocast"])
     best_batch = autocast_best[1] if autocast_best else batches[-1]
     ctx["best_batch"] = best_batch
     fig["best_batch"] = best_batch
+
+    # ---- what cache-teacher runs by default: the library's TeacherRunner (bf16 tower, compiled, padded) ----
+    runner = None
+    try:
+        from dho_pipeline.teacher import TeacherRunner
+
+        say(f"section 1: dho_pipeline TeacherRunner(bf16, compile) at batch {best_batch} (compiles first)")
+        runner = TeacherRunner(teacher_bf16, dtype=torch.bfloat16, compile=True, batch_size=best_batch)
+        x = make_input(best_batch)
+        started = time.perf_counter()
+        with time_cap(min(ctx["args"].compile_cap, remaining() - 5), "TeacherRunner compile"):
+            runner(x)
+            sync()
+        fig["runner_compile_seconds"] = time.perf_counter() - started
+        with torch.inference_mode():
+            reference = teacher(x[:8]).float()
+        fig["runner_max_abs_logit_diff_vs_fp32_autocast"] = (runner(x)[:8] - reference).abs().max().item()
+        seconds, iters = timed_iterations(lambda: runner(x), sync, cfg["measure_seconds"])
+        ips = best_batch / seconds
+        record("runner_bf16_compiled", best_batch, {
+            "images_per_second": ips, "seconds_per_batch": seconds, "iters": iters,
+            "mfu": ips * flops_per_image / peak if peak else None, "compile_seconds": fig["runner_compile_seconds"]})
+        say(f"  runner batch {best_batch}: {ips:.1f} img/s (compiled in {fig['runner_compile_seconds']:.1f}s)")
+        del x
+    except (Exception, CapExceeded) as error:
+        runner = None
+        record("runner_bf16_compiled", best_batch, {"error": error_text(error)})
+        say(f"  runner FAILED: {str(error)[:200]}")
+    free_memory()
+
+    if quick:
+        return _stage_path_and_model_only(ctx, fig, record, runner or teacher_bf16, mean, std, image_size, best_batch,
+                                          flops_per_image, peak, sync)
 
     say(f"section 1: channels-last input at batch {best_batch}")
     run_variant("eager_autocast_channels_last", teacher, [best_batch], channels_last=True)
@@ -688,46 +726,8 @@ def section_teacher_model(ctx) -> dict:
         say(f"  sdpa block variant FAILED: {str(error)[:200]}")
     save("teacher_model", fig)
 
-    # ---- the stage's per-batch path at the batch section 2 uses ----
-    try:
-        say(f"section 1: cache-teacher's per-batch path (uint8 pinned -> Normalizer -> teacher -> top-k -> .cpu()) "
-            f"at batch {best_batch}")
-        from dho_pipeline.pixels import Normalizer
-        from dho_pipeline.teacher import summarize_logits
-
-        normalize = Normalizer(mean, std, device)
-        pixels = torch.randint(0, 256, (best_batch, *image_size, 3), dtype=torch.uint8)
-        if cuda:
-            pixels = pixels.pin_memory()
-        probe = normalize(pixels[:2])
-        fig["normalizer_output_channels_last"] = bool(probe.is_contiguous(memory_format=torch.channels_last))
-        ctx["normalizer_channels_last"] = fig["normalizer_output_channels_last"]
-
-        def stage_step():
-            logits = teacher(normalize(pixels))
-            indices, values, log_partition = summarize_logits(logits, 100, [1.0, 2.0])
-            return indices.cpu().numpy(), values.cpu().numpy(), log_partition.cpu().numpy()
-
-        with torch.inference_mode(), autocast():
-            seconds, iters = timed_iterations(stage_step, sync, cfg["measure_seconds"])
-        ips = best_batch / seconds
-        record("stage_path_autocast", best_batch, {
-            "images_per_second": ips, "seconds_per_batch": seconds, "iters": iters,
-            "mfu": ips * flops_per_image / peak if peak else None})
-        say(f"  stage path batch {best_batch}: {ips:.1f} img/s")
-    except Exception as error:
-        record("stage_path_autocast", best_batch, {"error": error_text(error)})
-
-    fig["model_only_for_stage"] = None
-    if autocast_best:
-        layout = "eager_autocast_channels_last" if ctx.get("normalizer_channels_last") else "eager_autocast"
-        same = fig["variants"].get(layout, {}).get(str(best_batch), {}).get("images_per_second") or \
-            fig["variants"].get("eager_autocast", {}).get(str(best_batch), {}).get("images_per_second")
-        fig["model_only_for_stage"] = {"variant": layout, "batch": best_batch, "images_per_second": same}
-    ctx["model_only"] = fig["model_only_for_stage"]
-    ctx["stage_path_ips"] = fig["variants"].get("stage_path_autocast", {}).get(str(best_batch), {}).get(
-        "images_per_second")
-    save("teacher_model", fig)
+    _stage_path_and_model_only(ctx, fig, record, runner or teacher_bf16, mean, std, image_size, best_batch,
+                               flops_per_image, peak, sync)
 
     # keep the best eager model (on the CPU) for the compile section at the end
     kept = {"eager_autocast": (teacher, False, False, True), "eager_autocast_channels_last": (teacher, True, False, True),
@@ -739,6 +739,50 @@ def section_teacher_model(ctx) -> dict:
         ctx["compile_candidate"] = dict(variant=eager_best[0], batch=eager_best[1], eager_ips=eager_best[2],
                                         model=model.to("cpu"), channels_last=channels_last,
                                         bf16_weights=bf16_weights, use_autocast=use_autocast, image_size=image_size)
+    return fig
+
+
+def _stage_path_and_model_only(ctx, fig, record, model, mean, std, image_size, best_batch, flops_per_image, peak, sync):
+    """cache-teacher's per-batch path with its default model; and which model-only figure section 2 compares to."""
+    import torch
+
+    cfg = ctx["cfg"]
+    device = torch.device(cfg["device"])
+    try:
+        say(f"section 1: cache-teacher's per-batch path (uint8 pinned -> Normalizer -> runner -> top-k -> .cpu()) "
+            f"at batch {best_batch}")
+        from dho_pipeline.pixels import Normalizer
+        from dho_pipeline.teacher import summarize_logits
+
+        normalize = Normalizer(mean, std, device)
+        pixels = torch.randint(0, 256, (best_batch, *image_size, 3), dtype=torch.uint8)
+        if device.type == "cuda":
+            pixels = pixels.pin_memory()
+
+        def stage_step():
+            logits = model(normalize(pixels))
+            indices, values, log_partition = summarize_logits(logits, 100, [1.0, 2.0])
+            return indices.cpu().numpy(), values.cpu().numpy(), log_partition.cpu().numpy()
+
+        with torch.inference_mode():
+            seconds, iters = timed_iterations(stage_step, sync, cfg["measure_seconds"])
+        ips = best_batch / seconds
+        record("stage_path", best_batch, {
+            "images_per_second": ips, "seconds_per_batch": seconds, "iters": iters,
+            "mfu": ips * flops_per_image / peak if peak else None})
+        say(f"  stage path batch {best_batch}: {ips:.1f} img/s")
+    except Exception as error:
+        record("stage_path", best_batch, {"error": error_text(error)})
+
+    chosen = None
+    for variant in ("runner_bf16_compiled", "eager_bf16"):
+        ips = fig["variants"].get(variant, {}).get(str(best_batch), {}).get("images_per_second")
+        if ips:
+            chosen = {"variant": variant, "batch": best_batch, "images_per_second": ips}
+            break
+    fig["model_only_for_stage"] = ctx["model_only"] = chosen
+    ctx["stage_path_ips"] = fig["variants"].get("stage_path", {}).get(str(best_batch), {}).get("images_per_second")
+    save("teacher_model", fig)
     return fig
 
 
@@ -809,16 +853,16 @@ def section_cache_teacher(ctx) -> dict:
     config = cache_stage.Config(manifest=work / "manifest.json", out=cache, teacher=cfg["teacher"], pretrained="none",
                                 classnames=classes, templates=templates, views=1, topk=100, batch_size=batch,
                                 workers=cfg["workers"], device=None if cfg["device"] == "cuda" else cfg["device"],
-                                precision=cfg["stage_precision"])
+                                precision=cfg["stage_precision"], compile=cfg["stage_compile"])
     fig["config"] = {"teacher": cfg["teacher"], "views": 1, "topk": 100, "batch_size": batch, "workers": cfg["workers"],
                      "workers_used": min(cfg["workers"], len(paths))}
     save("cache_teacher", fig)
 
     calls: list = []
     built: list = []
-    original_forward, original_init = teacher_module.ZeroShotTeacher.forward, teacher_module.ZeroShotTeacher.__init__
+    original_forward, original_init = teacher_module.TeacherRunner.__call__, teacher_module.ZeroShotTeacher.__init__
 
-    def forward(self, images):
+    def forward(self, images):  # the runner's call (the teacher's forward itself may be compiled)
         calls.append((time.perf_counter(), int(images.shape[0])))
         return original_forward(self, images)
 
@@ -826,7 +870,7 @@ def section_cache_teacher(ctx) -> dict:
         original_init(self, *args, **kwargs)
         built.append(time.perf_counter())
 
-    teacher_module.ZeroShotTeacher.forward, teacher_module.ZeroShotTeacher.__init__ = forward, init
+    teacher_module.TeacherRunner.__call__, teacher_module.ZeroShotTeacher.__init__ = forward, init
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     say(f"section 2: cache-teacher {cfg['teacher']} batch {batch} workers {cfg['workers']} over {len(paths)} shards")
@@ -842,12 +886,14 @@ def section_cache_teacher(ctx) -> dict:
         fig["teacher_setup_seconds"] = (built[0] - started) if built else None
         fig["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         figures = {"images": images, "batches": len(calls)}
-        if len(calls) >= 3:
-            steady_images = images - calls[-1][1]
-            steady_seconds = calls[-1][0] - calls[0][0]
+        if len(calls) >= 4:
+            steady_images = images - calls[0][1] - calls[-1][1]
+            steady_seconds = calls[-1][0] - calls[1][0]
             figures["steady_images_per_second"] = steady_images / steady_seconds
-            figures["steady_note"] = "batches 0..n-2 between the first and the last teacher call (excludes set-up, " \
-                                     "pipeline fill and the writer's tail; each batch ends in .cpu(), so it is synced)"
+            figures["first_call_seconds"] = calls[1][0] - calls[0][0]
+            figures["steady_note"] = "batches 1..n-2 between the second and the last teacher call (excludes set-up, " \
+                                     "the first call's compile, pipeline fill and the writer's tail; each batch ends " \
+                                     "in .cpu(), so it is synced)"
         figures["first_batch_wait_seconds"] = (calls[0][0] - built[0]) if calls and built else None
         figures["images_per_second_after_setup"] = images / (ended - built[0]) if built else None
         figures["images_per_second_whole_run"] = images / (ended - started)
@@ -889,7 +935,7 @@ def section_cache_teacher(ctx) -> dict:
         summary = cache_stage.run(config)
     finally:
         ended = time.perf_counter()
-        teacher_module.ZeroShotTeacher.forward, teacher_module.ZeroShotTeacher.__init__ = original_forward, original_init
+        teacher_module.TeacherRunner.__call__, teacher_module.ZeroShotTeacher.__init__ = original_forward, original_init
         try:  # also when the run fails or the section cap stops it: what was measured so far
             figures_of(ended)
         except Exception as error:
@@ -948,7 +994,7 @@ def section_train(ctx) -> dict:
         try:
             common = dict(manifest=ctx["manifest"], split=split, out=out, student=cfg["student"], pretrained="none",
                           batch_size=batch, workers=cfg["workers"], max_steps=steps, log_every=cfg["log_every"],
-                          device=device, precision=cfg["stage_precision"])
+                          device=device, precision=cfg["stage_precision"], compile=cfg["stage_compile"])
             if mode == "cached":
                 if "cache" not in ctx:
                     raise RuntimeError("no complete cache from section 2")
@@ -1150,6 +1196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--toy", action="store_true", help="tiny models on the CPU: every code path in ~1-2 minutes")
     parser.add_argument("--work", default=None, help="scratch folder (shards, cache, runs); wiped at start")
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole script (450; toy 200)")
+    parser.add_argument("--quick", action="store_true",
+                        help="section 1 at one batch size, no profiles or layout/attention variants (a rerun)")
     parser.add_argument("--compile-cap", type=float, default=90.0, help="skip torch.compile if compiling takes longer")
     parser.add_argument("--compile-backend", default=None, help="inductor (real) / aot_eager (toy)")
     parser.add_argument("--sections", default="teacher_model,cache_teacher,train,teacher_compile",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, PRECISIONS, append_jsonl, autocast, log, on_main_then_share
+from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, PRECISIONS, append_jsonl, log, on_main_then_share
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
 DEFAULT_PRETRAINED = "dfn5b"
@@ -43,6 +43,7 @@ class Config:
     workers: int = 4  # DataLoader processes decoding images, per rank
     device: str | None = None  # default: this rank's GPU if there is one, else CPU
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
+    compile: bool | None = None  # torch.compile the teacher; default: on for GPUs, off on CPUs
     resize: str | None = None  # override the teacher's resize mode: squash | shortest
     on_error: str = "fail"  # an undecodable image: "fail" (name it and stop) or "skip" (record as missing)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for views 1..V-1
@@ -84,11 +85,11 @@ def run(config: Config) -> dict:
     from dho_pipeline.cache_store import CacheSpec, TeacherCache, exclusive_writer
     from dho_pipeline.clip_models import class_text_embeddings, load_clip
     from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.teacher import LOGIT_SCALE, ZeroShotTeacher
+    from dho_pipeline.teacher import LOGIT_SCALE, TeacherRunner, ZeroShotTeacher
     from dho_pipeline.textlists import read_classnames, read_templates
     from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
 
-    from .common import process_state, resolve_device, resolve_precision
+    from .common import precision_dtype, process_state, resolve_compile, resolve_device, resolve_precision
 
     # ---- inputs, all checked before the teacher is loaded ----------------------------------------
     manifest = load_manifest(config.manifest)
@@ -113,11 +114,16 @@ def run(config: Config) -> dict:
         started = time.perf_counter()
         loaded = load_clip(config.teacher, config.pretrained, resize=config.resize)
         class_embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
-        teacher = ZeroShotTeacher(loaded.model.visual, class_embeddings).to(device).eval()
+        compiled = resolve_compile(config.compile, device)
+        teacher = TeacherRunner(
+            ZeroShotTeacher(loaded.model.visual, class_embeddings).to(device),
+            dtype=precision_dtype(precision), compile=compiled, batch_size=_views_per_batch(config),
+        )
         preprocess = loaded.preprocess
         del loaded.model  # the text tower is not needed any more
         if state.is_main_process:
-            log.info("teacher %s ready on %s (%s) in %.1fs", config.teacher, device, precision, time.perf_counter() - started)
+            log.info("teacher %s ready on %s (%s%s) in %.1fs", config.teacher, device, precision,
+                     ", compiled on its first batch" if compiled else "", time.perf_counter() - started)
 
         policy = ViewPolicy(
             num_views=config.views,
@@ -153,7 +159,7 @@ def run(config: Config) -> dict:
             log.info("%d of %d shards already complete; %d to do across %d process(es)",
                      len(manifest.shards) - left, len(manifest.shards), left, state.num_processes)
 
-        _cache_shards(config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess)
+        _cache_shards(config, state, device, teacher, cache, manifest, todo, policy, preprocess)
 
         # ---- summary, by rank 0 once every rank is done ------------------------------------------
         state.wait_for_everyone()
@@ -188,7 +194,12 @@ def _summarize(cache) -> dict:
     return summary
 
 
-def _cache_shards(config, state, device, precision, teacher, cache, manifest, todo, policy, preprocess):
+def _views_per_batch(config: Config) -> int:
+    """Views per teacher call: whole images only, so a batch never splits an image's views."""
+    return max(1, config.batch_size // config.views) * config.views
+
+
+def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy, preprocess):
     """The loop: batches of views in, teacher logits out, whole shards handed to the writer."""
     import torch
     from tqdm import tqdm
@@ -261,8 +272,7 @@ def _cache_shards(config, state, device, precision, teacher, cache, manifest, to
                 valid = positions[~missing]
                 if len(valid):
                     started = time.perf_counter()
-                    with torch.inference_mode(), autocast(device, precision):
-                        logits = teacher(normalize(batch["pixels"]))
+                    logits = teacher(normalize(batch["pixels"]))
                     indices, values, log_partition = summarize_logits(logits, k, temperatures)
                     shape = (len(valid), config.views, -1)
                     data.topk_index[valid] = indices.view(shape).cpu().numpy()

@@ -56,6 +56,19 @@ def resolve_precision(requested: str | None, device) -> str:
     return precision
 
 
+def precision_dtype(precision: str):
+    """The torch dtype that a precision name stands for (weights cast for inference take it)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_compile(requested: bool | None, device) -> bool:
+    """`--compile/--no-compile` if given, else on for GPUs: compiling takes ~30 s per model there and pays
+    for itself within minutes (BENCHMARKS.md, GPU); on a CPU it rarely does."""
+    return device.type == "cuda" if requested is None else requested
+
+
 def autocast(device, precision: str):
     import torch
 

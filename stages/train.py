@@ -51,6 +51,7 @@ class Config:
     weight_decay: float = 0.05
     warmup_steps: int = 5000  # capped at a tenth of the run
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
+    compile: bool | None = None  # torch.compile the student's training step (and an online teacher); default: on GPUs
     grad_accum: int = 1  # micro-steps per optimiser step
     workers: int = 4  # DataLoader processes per stream and rank
     seed: int = 0  # data order, views per epoch
@@ -275,7 +276,7 @@ def run(config: Config) -> dict:
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.student import build_student
 
-    from .common import process_state, resolve_precision
+    from .common import process_state, resolve_compile, resolve_precision
 
     # ---- setup: inputs checked, run directory claimed --------------------------------------------
     manifest, cache, split, classnames, templates = _check_inputs(config)
@@ -324,10 +325,16 @@ def run(config: Config) -> dict:
         if accelerator.is_main_process:
             log.info("resuming %s from step %d", out, step)
     student, optimizer = accelerator.prepare(student, optimizer)
+    # The training forward is compiled; evaluation keeps the eager model (its batch sizes and
+    # train/eval mode would each cost a recompile). DDP's hooks stay on the path: the compiled call
+    # goes through the prepared module.
+    compiled = resolve_compile(config.compile, device)
+    train_forward = torch.compile(student, dynamic=False) if compiled else student
 
     # ---- data -------------------------------------------------------------------------------------
     micro_batch = _micro_batch(config, accelerator.num_processes)
-    teacher = _online_teacher(config, classnames, templates, device) if config.teacher_online else None
+    teacher = _online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
+        if config.teacher_online else None
     streams, counts, table, labeled_ids = _streams(
         config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions,
         teacher_size=teacher["size"] if teacher else None,
@@ -365,9 +372,9 @@ def run(config: Config) -> dict:
                     positions[name] += name in batches
                 sync = micro == config.grad_accum - 1
                 if teacher is not None:
-                    _add_teacher_logits(teacher, batches, accelerator)
+                    _add_teacher_logits(teacher, batches)
                 with (nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
-                    losses = _losses(config, student, batches, normalize)
+                    losses = _losses(config, train_forward, batches, normalize)
                     loss = sum(losses.values()) / config.grad_accum
                 accelerator.backward(loss)
                 for name, value in losses.items():  # summed on the device: no sync per step
@@ -478,26 +485,27 @@ def _losses(config: Config, student, batches: dict, normalize) -> dict:
     return losses
 
 
-def _online_teacher(config: Config, classnames, templates, device) -> dict:
-    """The zero-shot teacher, for --teacher-online: built exactly as cache-teacher builds it."""
+def _online_teacher(config: Config, classnames, templates, device, precision, compiled, batch_size) -> dict:
+    """The zero-shot teacher, for --teacher-online: built and run exactly as cache-teacher runs it."""
     from dho_pipeline.clip_models import class_text_embeddings, load_clip
     from dho_pipeline.pixels import Normalizer
-    from dho_pipeline.teacher import ZeroShotTeacher
+    from dho_pipeline.teacher import TeacherRunner, ZeroShotTeacher
+
+    from .common import precision_dtype
 
     loaded = load_clip(config.teacher, config.teacher_pretrained)
     embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
-    model = ZeroShotTeacher(loaded.model.visual, embeddings).to(device).eval()
+    model = TeacherRunner(ZeroShotTeacher(loaded.model.visual, embeddings).to(device),
+                          dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size)
     return {"model": model, "size": loaded.preprocess.image_size,
             "normalize": Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)}
 
 
-def _add_teacher_logits(teacher: dict, batches: dict, accelerator) -> None:
-    import torch
-
+def _add_teacher_logits(teacher: dict, batches: dict) -> None:
     key = f"pixels_{teacher['size'][0]}"
-    with torch.no_grad(), accelerator.autocast():
-        for batch in batches.values():
-            batch["teacher_logits"] = teacher["model"](teacher["normalize"](batch[key])).float()
+    for batch in batches.values():
+        # clone: the runner's inference-mode logits become an ordinary tensor that the loss may save
+        batch["teacher_logits"] = teacher["model"](teacher["normalize"](batch[key])).clone()
 
 
 def _evaluator(config: Config, accelerator, student, normalize, student_size, cache_classnames):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BIN, cache_args, cli, run_command, write_lists, write_shards
+from conftest import BIN, TINY_TEACHER, cache_args, cli, run_command, write_lists, write_shards
 from torch import nn
 
 from dho_pipeline.clip_models import load_clip
@@ -257,3 +257,20 @@ def test_shipped_recipes_are_complete_configs():
     for recipe in recipes:
         config = Config(**load_recipe(recipe))
         assert config.objective == "dho" and config.temperature == 2.0 and config.batch_size == 256
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["cached", "online-teacher"])
+def test_compiled_training_matches_eager(prepared, tmp_path, online):
+    """--compile (the GPU default) compiles the training step and an online teacher: same losses as eager."""
+    extra = ["--teacher-online", "--teacher", TINY_TEACHER[1], "--teacher-pretrained", "none",
+             "--classnames", prepared["classes"], "--templates", prepared["templates"]] if online else []
+    losses = {}
+    for mode in ("--no-compile", "--compile"):
+        out = tmp_path / mode.strip("-")
+        args = train_args(prepared, out, "--max-steps", "3", mode, *extra)
+        if online:
+            args[args.index("--cache"):args.index("--cache") + 2] = []
+        cli(*args)
+        losses[mode] = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses["--compile"]) == 3
+    np.testing.assert_allclose(losses["--compile"], losses["--no-compile"], rtol=1e-3)
