@@ -28,10 +28,10 @@ Here, on a CPU, the same code paths with tiny models (about a minute or two):
 Sections (each runs under a time cap; an error or a cap is recorded in its JSON and the next one runs):
  1 teacher_model: the teacher (random weights, `load_clip(name, "none")`, image tower wrapped in
    `ZeroShotTeacher` with a random 1000-class classifier); FLOPs per image with FlopCounterMode; images/s
-   for batches 64/128/256 as (a) fp32 weights + bf16 autocast (what cache-teacher does), (b) weights cast
-   to bf16; at the best batch also channels-last input, open_clip's SDPA block (vision block_type
-   "custom", same weights) and the stage's own per-batch path (uint8 pinned -> Normalizer -> teacher ->
-   top-k -> .cpu()). Which attention kernels run (profiler) and the GPU-time split by kernel kind.
+   for batches 64/128/256 as (a) fp32 weights + bf16 autocast (cache-teacher's first default), (b) weights
+   cast to bf16; at the best batch (c) the library's TeacherRunner (bf16, compiled: the stage's default),
+   channels-last input, open_clip's SDPA block (vision block_type "custom", same weights) and the stage's
+   own per-batch path (uint8 pinned -> Normalizer -> runner -> top-k -> .cpu()). Which attention kernels run (profiler) and the GPU-time split by kernel kind.
  2 cache_teacher: 24 shards x 512 ImageNet-like JPEGs (500x375, generated in a process pool while section
    1 runs), manifest, then `stages.cache_teacher.run` (views 1, topk 100, workers 14, batch = section 1's
    best); images/s in steady state (from the teacher's own call times), end to end, and per shard
@@ -41,16 +41,20 @@ Sections (each runs under a time cap; an error or a cap is recorded in its JSON 
  4 teacher_compile: torch.compile (mode default) of section 1's best eager variant; skipped when
    compiling takes more than --compile-cap seconds.
 
-open_clip's tokenizer imports `regex`, which has no wheel in /work/shared/gpu/wheels and is not in a
-stock PyTorch image: when it is missing this script puts a small `re`-based stand-in in sys.modules
+open_clip's tokenizer imports `regex`, which has no wheel in /work/shared/gpu/wheels (the device image
+had it on 2026-11-26); should it be missing, this script puts a small `re`-based stand-in in sys.modules
 (translating the tokenizer's \\p{L}/\\p{N} classes) and says so in env.json. The dho-pipeline CLI itself
 would fail with ModuleNotFoundError there.
 
-Library workaround (recorded in env.json and summary.json; --no-workarounds turns it off): under bf16
-autocast `ZeroShotTeacher.forward` returns bf16 logits (its classifier matmul is autocast too), and
-cache-teacher's `.cpu().numpy()` then raises "TypeError: Got unsupported ScalarType BFloat16", i.e. the
-stage cannot run in bf16, its GPU default. When that is still so, this script runs the classifier with
-autocast off in its own process (what the docstring of ZeroShotTeacher promises), so sections 2-3 measure.
+Results of the runs on an H100 (2026-11-26) are in BENCHMARKS.md and bench/results/h100-2026-11-26/.
+`--quick` (a rerun) measures section 1 at one batch size only, without profiles or layout/attention
+variants; the stage default (`TeacherRunner`: bf16 weights, compiled) is always measured, and section 2's
+ratio is taken against it.
+
+Library check kept from before the first run (recorded in env.json): under bf16 autocast an old
+`ZeroShotTeacher.forward` returned bf16 logits, which cache-teacher could not store; the classifier now
+runs with autocast off, and `classifier_workaround` only patches it back if that ever regresses
+(--no-workarounds turns the patch off).
 """
 
 from __future__ import annotations
@@ -672,7 +676,7 @@ def section_teacher_model(ctx) -> dict:
         fig["runner_compile_seconds"] = time.perf_counter() - started
         with torch.inference_mode():
             reference = teacher(x[:8]).float()
-        fig["runner_max_abs_logit_diff_vs_fp32_autocast"] = (runner(x)[:8] - reference).abs().max().item()
+        fig["runner_max_abs_logit_diff_vs_fp32"] = (runner(x)[:8] - reference).abs().max().item()
         seconds, iters = timed_iterations(lambda: runner(x), sync, cfg["measure_seconds"])
         ips = best_batch / seconds
         record("runner_bf16_compiled", best_batch, {
