@@ -79,6 +79,13 @@ def main(verbose: bool) -> None:
     logging.getLogger("dho_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+@main.result_callback()
+def _after_command(*_results, **_options) -> None:
+    from stages.common import leave_process_group
+
+    leave_process_group()
+
+
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", required=True, type=PATH, help="Manifest file to write (JSON).")

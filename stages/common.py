@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -97,6 +98,19 @@ def on_main_then_share(state, work: Callable[[], T]) -> T:
     if status == "error":
         raise UserError(value)
     return value
+
+
+def leave_process_group() -> None:
+    """After a command succeeded under torchrun: wait for every rank, then close the group. A gloo group
+    left to interpreter exit can abort a rank ("terminate called without an active exception") after
+    its work is done, failing the whole launch."""
+    if "torch" not in sys.modules:  # commands that never imported torch have no group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def reduce_sum(state, tensor):
