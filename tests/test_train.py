@@ -181,10 +181,12 @@ def test_recipe_file_and_flags(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_run_the_same_number_of_steps(prepared, tmp_path):
+@pytest.mark.parametrize("compile_flag", ["--no-compile", "--compile"])
+def test_two_processes_run_the_same_number_of_steps(prepared, tmp_path, compile_flag):
+    """Also with the compiled training step (the GPU default): compiled DDP, eval on the eager model."""
     out = tmp_path / "run"
     run_command(BIN / "torchrun", "--nproc_per_node", "2", "--no-python", BIN / "dho-pipeline",
-                *train_args(prepared, out, "--epochs", "2", "--eval-data", prepared["eval"]),
+                *train_args(prepared, out, "--epochs", "2", "--eval-data", prepared["eval"], compile_flag),
                 env={"OMP_NUM_THREADS": "1"})
     ranks = [json.loads(line) for line in (out / "ranks.jsonl").read_text().splitlines()]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
