@@ -278,6 +278,17 @@ class TeacherCache:
         root.attrs.update({"status": summary})
 
 
+def _lock_holder(handle) -> str:
+    """Who holds the lock, as its holder wrote it; it writes just after locking, so allow it a moment."""
+    for _ in range(20):
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder:
+            return holder
+        time.sleep(0.05)
+    return "another process"
+
+
 @contextmanager
 def exclusive_writer(cache_path: str | Path) -> Iterator[None]:
     """Hold `<cache>.lock` for the duration; a second writer gets a clear refusal, not a race.
@@ -291,10 +302,8 @@ def exclusive_writer(cache_path: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             raise UserError(
-                f"cache {cache_path} is being written by {holder}; wait for it to finish "
+                f"cache {cache_path} is being written by {_lock_holder(handle)}; wait for it to finish "
                 "(or stop it), then rerun to resume"
             ) from None
         handle.seek(0)

@@ -93,11 +93,22 @@ def save_training_state(run_dir: Path, step: int, payload: dict, keep: int = 2) 
     except UserError:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
+    _discard(final)
     os.rename(temporary, final)
     for old in complete_training_states(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(directory: Path) -> None:
+    """Delete a checkpoint directory without ever leaving a half-deleted step-N behind: it leaves the
+    step-N names first (an atomic rename), and only then is it removed."""
+    doomed = directory.with_name(f".discard-{directory.name}-{os.getpid()}")
+    try:
+        os.rename(directory, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def complete_training_states(run_dir: Path) -> list[Path]:
@@ -112,5 +123,5 @@ def complete_training_states(run_dir: Path) -> list[Path]:
 def remove_partial_training_states(run_dir: Path) -> None:
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
-        for leftover in root.glob(".tmp-step-*"):
+        for leftover in [*root.glob(".tmp-step-*"), *root.glob(".discard-*")]:
             shutil.rmtree(leftover, ignore_errors=True)

@@ -348,3 +348,26 @@ def test_compiled_teacher_writes_the_same_cache(dataset):
             assert view_a["topk_index"] == view_b["topk_index"]
             np.testing.assert_allclose(view_a["topk_logit"], view_b["topk_logit"], atol=1e-3)
             np.testing.assert_allclose(view_a["log_partition"]["2"], view_b["log_partition"]["2"], atol=1e-4)
+
+
+def test_refusal_names_a_writer_that_has_only_just_locked(tmp_path):
+    """The holder writes who it is just after taking the lock; a second writer arriving in between waits
+    a moment for that line instead of saying "another process"."""
+    import fcntl
+    import threading
+
+    from dho_pipeline.cache_store import exclusive_writer
+    from dho_pipeline.errors import UserError
+
+    cache = tmp_path / "c.zarr"
+    with open(str(cache) + ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, not yet signed
+
+        def sign():
+            holder.write("pid 4242 on testhost since now\n")
+            holder.flush()
+
+        threading.Timer(0.2, sign).start()
+        with pytest.raises(UserError, match="being written by pid 4242 on testhost"):
+            with exclusive_writer(cache):
+                pass

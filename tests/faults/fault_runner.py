@@ -17,6 +17,9 @@ FAULT kinds (each fires on the `nth` matching call, counting from 1):
       written whole, not yet renamed).
   {"kind": "torch_save", "match": REGEX}
       die inside torch.save to a matching path, with half of the file written.
+  {"kind": "rmtree", "match": REGEX}
+      die inside shutil.rmtree of a matching directory: its files deleted, the directory still there
+      (the moment a kill while pruning an old checkpoint leaves behind).
   {"kind": "optimizer_step"}
       die inside an optimiser step (after forward and backward, before the weights change).
 """
@@ -100,6 +103,20 @@ def main() -> None:
                 return _real(obj, f, *a, **k)
 
             torch.save = save
+        elif kind == "rmtree":
+            import shutil
+
+            real_rmtree = shutil.rmtree
+
+            def rmtree(path, *a, _real=real_rmtree, _index=index, _fault=fault, **k):
+                if re.search(_fault["match"], str(path)) and os.path.isdir(path) and due(_index, _fault):
+                    for name in os.listdir(path):
+                        if os.path.isfile(os.path.join(path, name)):
+                            os.remove(os.path.join(path, name))
+                    die(_fault, f"inside rmtree {path}")
+                return _real(path, *a, **k)
+
+            shutil.rmtree = rmtree
         elif kind == "optimizer_step":
             import torch
 
