@@ -42,7 +42,7 @@ class TeacherRunner:
 
     Measured on an H100 with ViT-H-14-378 (BENCHMARKS.md, GPU): tower weights cast to bf16 run 1.33x
     faster than fp32 weights under bf16 autocast (no per-call weight casts), and `torch.compile` adds
-    1.17x (fused GELU/residual/LayerNorm). Compiled, every call is padded to one fixed batch size, so a
+    1.11x (fused GELU/residual/LayerNorm). Compiled, every call is padded to one fixed batch size, so a
     shard's short last batch never makes the graph recompile. Logits come back in fp32, `[n, classes]`.
     """
 

@@ -133,7 +133,7 @@ def shard(folder, out, **options):
 @click.option("--workers", type=int, help="Image-decoding processes per rank. [default: 4]")
 @click.option("--device", help="Device, e.g. cuda, cuda:1, cpu. [default: this rank's GPU, else cpu]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="[default: bf16 on GPU, fp32 on CPU]")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (~30 s once; 1.17x on an H100). [default: on GPUs]")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (~25 s once; 1.11x on an H100). [default: on GPUs]")
 @click.option("--resize", type=click.Choice(["squash", "shortest"]), help="Override the teacher's resize mode.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), help="Undecodable image: stop, or record as missing. [default: fail]")
 @click.option("--crop-scale", type=_FloatList(), help="RandomResizedCrop area range of views 1..V-1. [default: 0.5,1]")
