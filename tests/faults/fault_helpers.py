@@ -124,6 +124,18 @@ def small_dataset(root: Path, num_shards: int = 3, per_shard: int = 6, seed: int
             "shards": sorted((root / "shards").glob("*.tar"))}
 
 
+def trainable_dataset(root: Path, *, num_shards: int, per_shard: int, cache_options=("--views", "1", "--topk", "3"),
+                      split_options=("--percent", "25")) -> dict:
+    """small_dataset plus its teacher cache (c.zarr) and a label split (s.json), built through the CLI."""
+    with one_thread():
+        data = small_dataset(root, num_shards=num_shards, per_shard=per_shard)
+        result = invoke(*cache_args(data, root / "c.zarr", *cache_options))
+        assert result.exit_code == 0, result.output
+        result = invoke("split", "--manifest", data["manifest"], *split_options, "--out", root / "s.json")
+        assert result.exit_code == 0, result.output
+    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT, encoding="utf-8") -> Path:
     """A tar with exactly these (name, data) members, in this order (names are not sanitised)."""
     path.parent.mkdir(parents=True, exist_ok=True)

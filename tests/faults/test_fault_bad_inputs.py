@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_clean_error, cache_args, dump_records, invoke, jpeg, label, one_thread, one_torch_thread,
-    small_dataset, verify_ok, write_lists, write_tar,
+    assert_clean_error, cache_args, dump_records, invoke, jpeg, label, one_torch_thread, small_dataset,
+    trainable_dataset, verify_ok, write_lists, write_tar,
 )
 
 from dho_pipeline.cache_store import TeacherCache
@@ -28,12 +28,7 @@ def _outcome(case: str, line: str) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Two labeled shards, a top-3 cache at T = 1, 2 built from them, and a split."""
-    with one_thread():
-        root = tmp_path_factory.mktemp("bad-inputs")
-        data = small_dataset(root, num_shards=2, per_shard=8)
-        assert invoke(*cache_args(data, root / "c.zarr", *BASE_CACHE)).exit_code == 0
-        assert invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json").exit_code == 0
-    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+    return trainable_dataset(tmp_path_factory.mktemp("bad-inputs"), num_shards=2, per_shard=8, cache_options=BASE_CACHE)
 
 
 def _train(data, out, *extra, **paths):

@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_clean_error, cache_args, dump_records, invoke, one_thread, one_torch_thread, rows_lost, small_dataset,
-    verify_ok,
+    assert_clean_error, cache_args, dump_records, invoke, one_torch_thread, rows_lost, trainable_dataset, verify_ok,
 )
 
 from dho_pipeline.cache_store import TeacherCache
@@ -21,13 +20,8 @@ EXTRA = ("--views", "2", "--topk", "3")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    with one_thread():
-        root = tmp_path_factory.mktemp("disk-full")
-        data = small_dataset(root, num_shards=3, per_shard=8)
-        assert invoke(*cache_args(data, root / "clean.zarr", *EXTRA)).exit_code == 0
-        assert invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json").exit_code == 0
-    return {**data, "clean": root / "clean.zarr", "cache": root / "clean.zarr", "split": root / "s.json",
-            "reference": dump_records(root / "clean.zarr")}
+    data = trainable_dataset(tmp_path_factory.mktemp("disk-full"), num_shards=3, per_shard=8, cache_options=EXTRA)
+    return {**data, "clean": data["cache"], "reference": dump_records(data["cache"])}
 
 
 class FullDisk:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_clean_error, cache_args, invoke, one_thread, one_torch_thread, small_dataset,
+    assert_clean_error, cache_args, invoke, one_torch_thread, trainable_dataset,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,13 +39,8 @@ SPLIT_KEYS = ("manifest_fingerprint", "num_samples", "method", "labeled", "holdo
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    with one_thread():
-        root = tmp_path_factory.mktemp("fuzz")
-        data = small_dataset(root, num_shards=2, per_shard=6)
-        assert invoke(*cache_args(data, root / "c.zarr", "--views", "1", "--topk", "3")).exit_code == 0
-        assert invoke("split", "--manifest", data["manifest"], "--percent", "40", "--holdout", "1",
-                      "--out", root / "s.json").exit_code == 0
-    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+    return trainable_dataset(tmp_path_factory.mktemp("fuzz"), num_shards=2, per_shard=6,
+                             split_options=("--percent", "40", "--holdout", "1"))
 
 
 def _mine(prefix: str) -> dict:

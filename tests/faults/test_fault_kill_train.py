@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    cache_args, invoke, kill_when, line_count, one_thread, one_torch_thread, popen, run_faulted, small_dataset,
+    invoke, kill_when, line_count, one_torch_thread, popen, run_faulted, trainable_dataset,
 )
 
 EPOCHS = 10  # 19 unlabeled // batch 4 = 4 steps per epoch: 40 steps
@@ -19,14 +19,8 @@ EPOCHS = 10  # 19 unlabeled // batch 4 = 4 steps per epoch: 40 steps
 
 @pytest.fixture(scope="module")
 def trainable(tmp_path_factory):
-    with one_thread():
-        root = tmp_path_factory.mktemp("kill-train")
-        data = small_dataset(root, num_shards=3, per_shard=8)
-        result = invoke(*cache_args(data, root / "c.zarr", "--views", "2", "--topk", "3"))
-        assert result.exit_code == 0, result.output
-        result = invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json")
-        assert result.exit_code == 0, result.output
-    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+    return trainable_dataset(tmp_path_factory.mktemp("kill-train"), num_shards=3, per_shard=8,
+                             cache_options=("--views", "2", "--topk", "3"))
 
 
 def train_args(data, out, *extra):

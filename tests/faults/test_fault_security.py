@@ -8,7 +8,7 @@ import ast
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    REPO, assert_clean_error, cache_args, invoke, one_thread, one_torch_thread, small_dataset,
+    REPO, assert_clean_error, cache_args, invoke, one_torch_thread, trainable_dataset,
 )
 
 SOURCES = sorted([*(REPO / "dho_pipeline").rglob("*.py"), *(REPO / "stages").rglob("*.py")])
@@ -75,12 +75,7 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    with one_thread():
-        root = tmp_path_factory.mktemp("security")
-        data = small_dataset(root, num_shards=2, per_shard=8)
-        assert invoke(*cache_args(data, root / "c.zarr", "--views", "1", "--topk", "3")).exit_code == 0
-        assert invoke("split", "--manifest", data["manifest"], "--percent", "25", "--out", root / "s.json").exit_code == 0
-    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+    return trainable_dataset(tmp_path_factory.mktemp("security"), num_shards=2, per_shard=8)
 
 
 def _train(data, out, *extra):
