@@ -92,14 +92,28 @@ def run_command(*args, env=None, timeout=300, check=True) -> subprocess.Complete
     return result
 
 
+def labeled_dataset(root: Path, num_shards: int = 3, per_shard: int = 6, seed: int = 0) -> dict:
+    """Labeled JPEG shards (root/shards), their manifest, and tiny class/template lists."""
+    shards = write_shards(root / "shards", num_shards=num_shards, per_shard=per_shard, seed=seed)
+    classes, templates = write_lists(root)
+    manifest = root / "manifest.json"
+    cli("manifest", str(root / "shards" / "*.tar"), "--out", manifest)
+    return {"root": root, "shards": shards, "manifest": manifest, "classes": classes, "templates": templates}
+
+
+def cached_dataset(root: Path, *, num_shards: int, per_shard: int, cache_options=("--views", "1", "--topk", "3"),
+                   split_options=("--percent", "25")) -> dict:
+    """labeled_dataset plus its tiny-teacher cache (c.zarr) and a label split (s.json), made through the CLI."""
+    data = labeled_dataset(root, num_shards, per_shard)
+    cli(*cache_args(data, root / "c.zarr", *cache_options))
+    cli("split", "--manifest", data["manifest"], *split_options, "--out", root / "s.json")
+    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+
+
 @pytest.fixture
 def dataset(tmp_path):
     """Three labeled JPEG shards, their manifest, and tiny class/template lists."""
-    shards = write_shards(tmp_path / "shards")
-    classes, templates = write_lists(tmp_path)
-    manifest = tmp_path / "manifest.json"
-    cli("manifest", str(tmp_path / "shards" / "shard-{000000..000002}.tar"), "--out", manifest)
-    return {"root": tmp_path, "shards": shards, "manifest": manifest, "classes": classes, "templates": templates}
+    return labeled_dataset(tmp_path)
 
 
 def cache_args(data: dict, out: Path, *extra) -> list:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from conftest import BIN, cache_args, cli, image_bytes, random_image, run_command, write_lists, write_shards
+from conftest import BIN, cached_dataset, cli, image_bytes, random_image, run_command, write_lists
 from PIL import Image
 from torch import nn
 
@@ -158,16 +158,12 @@ def test_export_writes_safetensors_and_a_description(released, tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibrate")
-    write_shards(root / "shards", num_shards=3, per_shard=20)
-    classes, templates = write_lists(root)
-    cli("manifest", str(root / "shards" / "*.tar"), "--out", root / "m.json")
-    data = {"manifest": root / "m.json", "classes": classes, "templates": templates}
-    cli(*cache_args(data, root / "c.zarr", "--views", "2"))
-    cli("split", "--manifest", root / "m.json", "--percent", "20", "--holdout", "2", "--out", root / "s.json")
-    cli("train", "--cache", root / "c.zarr", "--manifest", root / "m.json", "--split", root / "s.json",
+    data = cached_dataset(root, num_shards=3, per_shard=20, cache_options=("--views", "2"),
+                          split_options=("--percent", "20", "--holdout", "2"))
+    cli("train", "--cache", data["cache"], "--manifest", data["manifest"], "--split", data["split"],
         "--out", root / "run", "--student", "dho-tiny-student", "--pretrained", "none", "--epochs", "2",
         "--batch-size", "8", "--workers", "0")
-    return {"root": root, "checkpoint": root / "run" / "student.pt", "manifest": root / "m.json", "split": root / "s.json"}
+    return {"root": root, "checkpoint": root / "run" / "student.pt", "manifest": data["manifest"], "split": data["split"]}
 
 
 def test_calibrate_on_held_out_images(run, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BIN, TINY_TEACHER, cache_args, cli, run_command, write_lists, write_shards
+from conftest import BIN, TINY_TEACHER, cache_args, cached_dataset, cli, run_command, write_lists, write_shards
 from torch import nn
 
 from dho_pipeline.clip_models import load_clip
@@ -21,15 +21,11 @@ from dho_pipeline.clip_models import load_clip
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    write_shards(root / "shards", num_shards=4, per_shard=16)
+    data = cached_dataset(root, num_shards=4, per_shard=16, cache_options=("--views", "2", "--topk", "3"),
+                          split_options=("--percent", "25", "--holdout", "1"))
     write_shards(root / "eval", num_shards=1, per_shard=10, seed=5, prefix="eval")
-    classes, templates = write_lists(root)
-    cli("manifest", str(root / "shards" / "*.tar"), "--out", root / "m.json")
     cli("manifest", str(root / "eval" / "*.tar"), "--out", root / "eval.json")
-    data = {"manifest": root / "m.json", "classes": classes, "templates": templates}
-    cli(*cache_args(data, root / "c.zarr", "--views", "2", "--topk", "3"))
-    cli("split", "--manifest", root / "m.json", "--percent", "25", "--holdout", "1", "--out", root / "s.json")
-    return {**data, "root": root, "cache": root / "c.zarr", "split": root / "s.json", "eval": root / "eval.json"}
+    return {**data, "eval": root / "eval.json"}
 
 
 def train_args(data, out, *extra):

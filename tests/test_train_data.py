@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import cache_args, cli, write_lists, write_shards
+from conftest import cached_dataset
 
 from dho_pipeline.cache_store import TeacherCache
 from dho_pipeline.manifest import load_manifest
@@ -17,13 +17,8 @@ from dho_pipeline.train_data import (
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("streams")
-    write_shards(root / "d", num_shards=5, per_shard=12)
-    classes, templates = write_lists(root)
-    cli("manifest", str(root / "d" / "*.tar"), "--out", root / "m.json")
-    cli(*cache_args({"manifest": root / "m.json", "classes": classes, "templates": templates}, root / "c.zarr",
-                    "--views", "3"))
-    cli("split", "--manifest", root / "m.json", "--percent", "20", "--out", root / "s.json")
-    manifest, split = load_manifest(root / "m.json"), load_split(root / "s.json")
+    cached_dataset(root, num_shards=5, per_shard=12, cache_options=("--views", "3"), split_options=("--percent", "20"))
+    manifest, split = load_manifest(root / "manifest.json"), load_split(root / "s.json")
     table = SampleTable.from_manifest(manifest)
     return {"root": root, "manifest": manifest, "table": table, "cache": TeacherCache.open(root / "c.zarr"),
             "labeled": table.ids_of(split.labeled_mask(manifest)), "unlabeled": table.ids_of(split.unlabeled_mask(manifest))}

@@ -25,14 +25,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CLASSNAMES, TINY_TEACHER, cache_args, cli, image_bytes, random_image, write_lists, write_shards
+from conftest import (
+    CLASSNAMES, TINY_TEACHER, cache_args, cached_dataset, cli, image_bytes, labeled_dataset, random_image, write_lists,
+    write_shards,
+)
 
 from stages.cli import main as cli_main
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 REPO = Path(__file__).resolve().parents[2]
 # Re-exported for the test modules: the generic helpers of tests/conftest.py.
-__all__ = ["CLASSNAMES", "TINY_TEACHER", "cache_args", "cli", "write_lists", "write_shards"]
+__all__ = ["CLASSNAMES", "TINY_TEACHER", "cache_args", "cli", "labeled_dataset", "write_lists", "write_shards"]
 
 
 # ---- running commands ------------------------------------------------------------------------------
@@ -114,26 +117,10 @@ def line_count(path: Path) -> int:
 # ---- datasets --------------------------------------------------------------------------------------
 
 
-def small_dataset(root: Path, num_shards: int = 3, per_shard: int = 6, seed: int = 0) -> dict:
-    """Generated shards, their manifest and tiny class/template lists."""
-    write_shards(root / "shards", num_shards=num_shards, per_shard=per_shard, seed=seed)
-    classes, templates = write_lists(root)
-    manifest = root / "manifest.json"
-    cli("manifest", str(root / "shards" / "*.tar"), "--out", manifest)
-    return {"root": root, "manifest": manifest, "classes": classes, "templates": templates,
-            "shards": sorted((root / "shards").glob("*.tar"))}
-
-
-def trainable_dataset(root: Path, *, num_shards: int, per_shard: int, cache_options=("--views", "1", "--topk", "3"),
-                      split_options=("--percent", "25")) -> dict:
-    """small_dataset plus its teacher cache (c.zarr) and a label split (s.json), built through the CLI."""
+def trainable_dataset(root: Path, **options) -> dict:
+    """conftest.cached_dataset (shards, manifest, cache, split), built on one torch thread."""
     with one_thread():
-        data = small_dataset(root, num_shards=num_shards, per_shard=per_shard)
-        result = invoke(*cache_args(data, root / "c.zarr", *cache_options))
-        assert result.exit_code == 0, result.output
-        result = invoke("split", "--manifest", data["manifest"], *split_options, "--out", root / "s.json")
-        assert result.exit_code == 0, result.output
-    return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
+        return cached_dataset(root, **options)
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT, encoding="utf-8") -> Path:

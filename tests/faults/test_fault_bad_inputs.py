@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_clean_error, cache_args, dump_records, invoke, jpeg, label, one_torch_thread, small_dataset,
+    assert_clean_error, cache_args, dump_records, invoke, jpeg, label, one_torch_thread, labeled_dataset,
     trainable_dataset, verify_ok, write_lists, write_tar,
 )
 
@@ -244,7 +244,7 @@ def test_cache_from_another_teacher(base, tmp_path):
 
 
 def test_split_from_another_manifest(base, tmp_path):
-    other = small_dataset(tmp_path / "other", num_shards=1, per_shard=8, seed=9)
+    other = labeled_dataset(tmp_path / "other", num_shards=1, per_shard=8, seed=9)
     assert invoke("split", "--manifest", other["manifest"], "--percent", "50", "--out", tmp_path / "s.json").exit_code == 0
     line = assert_clean_error(_train(base, tmp_path / "run", split=tmp_path / "s.json"), "drawn from a different manifest")
     _outcome("split from another manifest (train)", line)

@@ -15,7 +15,7 @@ import re
 import pytest
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     cache_args, dump_records, invoke, kill_when, line_count, manifest_keys, one_thread, one_torch_thread, popen,
-    rows_lost, run_faulted, small_dataset, verify_ok,
+    rows_lost, run_faulted, labeled_dataset, verify_ok,
 )
 
 from dho_pipeline.cache_store import TeacherCache
@@ -29,7 +29,7 @@ KILLS = 10
 def ten_shards(tmp_path_factory):
     """Ten small shards and the cache an uninterrupted run builds from them."""
     root = tmp_path_factory.mktemp("kill-cache")
-    data = small_dataset(root, num_shards=10, per_shard=6)
+    data = labeled_dataset(root, num_shards=10, per_shard=6)
     with one_thread():
         result = invoke(*cache_args(data, root / "clean.zarr", *EXTRA))
     assert result.exit_code == 0, result.output
