@@ -50,11 +50,6 @@ Results of the runs on an H100 (2026-11-26) are in BENCHMARKS.md and bench/resul
 `--quick` (a rerun) measures section 1 at one batch size only, without profiles or layout/attention
 variants; the stage default (`TeacherRunner`: bf16 weights, compiled) is always measured, and section 2's
 ratio is taken against it.
-
-Library check kept from before the first run (recorded in env.json): under bf16 autocast an old
-`ZeroShotTeacher.forward` returned bf16 logits, which cache-teacher could not store; the classifier now
-runs with autocast off, and `classifier_workaround` only patches it back if that ever regresses
-(--no-workarounds turns the patch off).
 """
 
 from __future__ import annotations
@@ -241,39 +236,6 @@ def setup_regex(mode: str) -> dict:
     return report
 
 
-# ---- library workaround: the zero-shot classifier under autocast ---------------------------------------
-
-
-def classifier_workaround(device_type: str, enabled: bool) -> dict:
-    """ZeroShotTeacher.forward says its classifier runs in fp32, but inside the caller's autocast the
-    matmul runs in bf16, so cache-teacher's logits are bf16 and `.cpu().numpy()` raises TypeError
-    (stages/cache_teacher.py, _cache_shards). Detect that on a toy tower; if so (and --no-workarounds is
-    not given), run the classifier with autocast off, as the docstring intends."""
-    import torch
-    import torch.nn.functional as F
-
-    from dho_pipeline import teacher as teacher_module
-
-    probe = teacher_module.ZeroShotTeacher(torch.nn.Identity(), torch.randn(5, 8)).to(device_type)
-    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16):
-        dtype = probe(torch.randn(2, 8, device=device_type)).dtype
-    report = {"logits_dtype_under_bf16_autocast": str(dtype), "applied": False}
-    if dtype != torch.float32 and enabled:
-        def forward(self, images):
-            features = self.visual(images)
-            with torch.autocast(features.device.type, enabled=False):
-                features = F.normalize(features.float(), dim=-1)
-                return self.logit_scale * features @ self.class_embeddings.T
-
-        teacher_module.ZeroShotTeacher.forward = forward
-        report["applied"] = True
-        report["what"] = ("dho_pipeline.teacher.ZeroShotTeacher.forward patched in this process: classifier with "
-                          "autocast disabled (fp32 logits); without it cache-teacher in bf16 fails with "
-                          "'TypeError: Got unsupported ScalarType BFloat16'")
-        say(f"WORKAROUND: ZeroShotTeacher returns {dtype} logits under bf16 autocast; classifier forced to fp32 here")
-    return report
-
-
 # ---- generated data --------------------------------------------------------------------------------
 
 
@@ -350,7 +312,6 @@ def section_env(ctx) -> dict:
     env: dict = {"args": vars(ctx["args"]), "settings": ctx["cfg"], "python": platform.python_version(),
                  "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                  "cuda_available": torch.cuda.is_available(), "regex": ctx["regex"],
-                 "classifier_workaround": ctx.get("workaround"),
                  "pythonpath": os.environ.get("PYTHONPATH")}
     try:
         usage = shutil.disk_usage("/dev/shm")
@@ -623,7 +584,7 @@ def section_teacher_model(ctx) -> dict:
                 entry = {"error": ("OOM: " if is_oom(error) else "") + str(error)[:500]}
                 say(f"  {variant} batch {batch}: FAILED {str(error)[:200]}")
             finally:
-                del x
+                x = None  # free the batch before the next size
                 free_memory()
             record(variant, batch, entry)
 
@@ -683,7 +644,7 @@ def section_teacher_model(ctx) -> dict:
             "images_per_second": ips, "seconds_per_batch": seconds, "iters": iters,
             "mfu": ips * flops_per_image / peak if peak else None, "compile_seconds": fig["runner_compile_seconds"]})
         say(f"  runner batch {best_batch}: {ips:.1f} img/s (compiled in {fig['runner_compile_seconds']:.1f}s)")
-        del x
+        x = None
     except (Exception, CapExceeded) as error:
         runner = None
         record("runner_bf16_compiled", best_batch, {"error": error_text(error)})
@@ -1150,7 +1111,7 @@ def write_summary(ctx) -> None:
         targets["cache_teacher_ratio"]["ratio_steady_to_best_model_only"] = \
             cache["steady_images_per_second"] / overall["images_per_second"]
     save("summary", {"mode": "toy" if ctx["args"].toy else "real", "device": ctx.get("device_name") or "cpu",
-                     "classifier_workaround": ctx.get("workaround"), "regex": (ctx.get("regex") or {}).get("using"),
+                     "regex": (ctx.get("regex") or {}).get("using"),
                      "targets": targets, "compile": compiled, "sections": STATUS, "log": LOG[-300:]})
 
 
@@ -1208,8 +1169,6 @@ def main(argv=None) -> int:
                         help="comma-separated subset, in this order")
     parser.add_argument("--regex-shim", choices=["auto", "force"], default=None,
                         help="auto: real regex if importable (default real run); force: always the stand-in (toy)")
-    parser.add_argument("--no-workarounds", action="store_true",
-                        help="do not patch ZeroShotTeacher's bf16 classifier (see classifier_workaround)")
     parser.add_argument("--inject-error", default=None, help="raise in this section (tests the error capture)")
     args = parser.parse_args(argv)
     try:
@@ -1248,10 +1207,6 @@ def main(argv=None) -> int:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     if any(s in wanted for s in ("cache_teacher", "train", "teacher_model")):
         start_data(ctx)  # forked before CUDA is initialised
-    try:
-        ctx["workaround"] = classifier_workaround("cpu" if args.toy else "cuda", not args.no_workarounds)
-    except Exception as error:
-        ctx["workaround"] = {"error": error_text(error)}
 
     ctx["fig"] = {}
     env = {}
@@ -1292,7 +1247,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         code = main()
-    except SystemExit as exit_:  # --help, argument errors
+    except SystemExit:  # --help, argument errors
         sys.stdout.flush()
         raise
     except BaseException as error:  # noqa: BLE001 - whatever happens, leave a summary behind

@@ -212,7 +212,7 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
     if not todo:
         return
     tasks = [ShardTask(i, manifest.shards[i].name, str(manifest.shards[i].path), manifest.shards[i].keys) for i in todo]
-    images_per_batch = max(1, config.batch_size // config.views)
+    images_per_batch = _views_per_batch(config) // config.views
     dataset = ViewBatches(tasks, policy, preprocess.image_size, images_per_batch, config.on_error == "skip")
     loader = torch.utils.data.DataLoader(
         dataset,
