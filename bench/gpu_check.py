@@ -781,7 +781,7 @@ def wait_for_data(ctx) -> list[str]:
 
 def ensure_inputs(ctx) -> list[str]:
     """Shards, manifest, class list (class0..class999) and one template: made once, used by sections 2-3."""
-    import stages.manifest as manifest_stage
+    import dho_pipeline.stages.manifest as manifest_stage
 
     paths = wait_for_data(ctx)
     if "manifest" not in ctx:
@@ -803,7 +803,7 @@ def ensure_inputs(ctx) -> list[str]:
 def section_cache_teacher(ctx) -> dict:
     import torch
 
-    import stages.cache_teacher as cache_stage
+    import dho_pipeline.stages.cache_teacher as cache_stage
     from dho_pipeline import teacher as teacher_module
 
     cfg, fig, work = ctx["cfg"], ctx["fig"], ctx["work"]
@@ -934,8 +934,8 @@ def train_rates(run_dir: Path, warmup_steps: int, log_every: int, steps_per_epoc
 def section_train(ctx) -> dict:
     import torch
 
-    import stages.split as split_stage
-    import stages.train as train_stage
+    import dho_pipeline.stages.split as split_stage
+    import dho_pipeline.stages.train as train_stage
 
     cfg, fig, work = ctx["cfg"], ctx["fig"], ctx["work"]
     ensure_inputs(ctx)

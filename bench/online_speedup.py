@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    from stages import cache_teacher, manifest, split, train
+    from dho_pipeline.stages import cache_teacher, manifest, split, train
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

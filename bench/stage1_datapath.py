@@ -63,7 +63,7 @@ def cache_teacher_seconds(paths, folder: Path, views: int) -> float:
     for old in folder.glob(f"*{views}.zarr*"):  # a fresh cache each repeat
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     """Seconds cache-teacher spends per run beyond its set-up (teacher build, class embeddings)."""
-    from stages import cache_teacher, manifest
+    from dho_pipeline.stages import cache_teacher, manifest
 
     (folder / "free.json").write_text(json.dumps(FREE_TEACHER))
     write_class_lists(folder)

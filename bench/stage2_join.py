@@ -21,7 +21,7 @@ from stage1_datapath import FREE_TEACHER
 
 
 def build(folder: Path, shards: int, per_shard: int):
-    from stages import cache_teacher, manifest, split
+    from dho_pipeline.stages import cache_teacher, manifest, split
 
     paths = write_jpeg_shards(folder / "shards", shards, per_shard, num_classes=10)
     (folder / "free.json").write_text(json.dumps(FREE_TEACHER))
@@ -38,7 +38,7 @@ def stream(folder: Path, batches: int, batch_size: int, join: bool) -> int:
     from dho_pipeline.cache_store import TeacherCache
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.split import load_split
-    from dho_pipeline.train_data import IdStream, SampleTable, ShardRows, StudentBatches, unlabeled_order
+    from dho_pipeline.student_data import IdStream, SampleTable, ShardRows, StudentBatches, unlabeled_order
     from dho_pipeline.views import VIEW0_WHOLE, ViewPolicy
 
     manifest = load_manifest(folder / "m.json")

@@ -277,7 +277,7 @@ def class_text_embeddings(
     renormalised, as open_clip builds it); normalize=False is the plain template mean of the raw
     embeddings, which DHO uses to initialise the student's heads.
     """
-    from .textlists import fill_template
+    from .prompts import fill_template
 
     model = loaded.model.to(device)
     texts = [fill_template(t, c) for c in classnames for t in templates]

@@ -131,13 +131,13 @@ def refinement_grid(alpha: float, beta: float) -> tuple[list[float], list[float]
 
 def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, batch_size: int, workers: int,
                       device, autocast) -> dict[str, torch.Tensor]:
-    """Logits of a loaded student (released.LoadedStudent) on this process's share of `sample_ids`.
+    """Logits of a loaded student (student_checkpoint.LoadedStudent) on this process's share of `sample_ids`.
 
     Each image shows the student's evaluation view (resize the shortest side, centre-crop), rendered
     as in training; process r takes ids r, r + world, ...
     """
     from .pixels import Normalizer
-    from .train_data import FiniteIdStream, SampleTable, StudentBatches
+    from .student_data import FiniteIdStream, SampleTable, StudentBatches
 
     table = SampleTable.from_manifest(manifest)
     stream = FiniteIdStream(sample_ids, batch_size, rank, world)

@@ -67,9 +67,6 @@ class ShardEntry:
             "image_sizes": self.image_sizes,
         }
 
-    def image_ext_of(self, position: int) -> str:
-        return self.image_ext if isinstance(self.image_ext, str) else self.image_ext[position]
-
 
 @dataclass(frozen=True)
 class Manifest:

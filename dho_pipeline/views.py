@@ -50,10 +50,6 @@ class ViewPolicy:
     def to_json(self) -> dict:
         return {**asdict(self), "crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio)}
 
-    @classmethod
-    def from_json(cls, value: dict) -> "ViewPolicy":
-        return cls(**{**value, "crop_scale": tuple(value["crop_scale"]), "crop_ratio": tuple(value["crop_ratio"])})
-
 
 def _stable_words(text: str) -> list[int]:
     """Two 32-bit words from a string, identical in every process (unlike Python's hash())."""

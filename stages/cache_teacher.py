@@ -21,7 +21,9 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, PRECISIONS, append_jsonl, log, on_main_then_share
+from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+
+from .common import PRECISIONS, append_jsonl, log, on_main_then_share
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
 DEFAULT_PRETRAINED = "dfn5b"
@@ -36,7 +38,7 @@ class Config:
     classnames: Path = IMAGENET_CLASSNAMES  # one class name per line, in label order
     templates: Path = IMAGENET_TEMPLATES  # one prompt template per line, with {} for the class name
     views: int = 1  # views per image; view 0 is the teacher's own evaluation view
-    topk: int | None = 100  # logits kept per view; None (or k >= classes) keeps all; see NOTES on T=2
+    topk: int | None = 100  # logits kept per view; None (or k >= classes) keeps all (k = 100: BENCHMARKS.md, KD fidelity)
     temperatures: tuple[float, ...] = (1.0, 2.0)  # log-partitions stored exactly at these
     seed: int = 0  # seeds the views
     batch_size: int = 256  # views per teacher forward pass
@@ -86,7 +88,7 @@ def run(config: Config) -> dict:
     from dho_pipeline.clip_models import class_text_embeddings, load_clip
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.teacher import LOGIT_SCALE, TeacherRunner, ZeroShotTeacher
-    from dho_pipeline.textlists import read_classnames, read_templates
+    from dho_pipeline.prompts import read_classnames, read_templates
     from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
 
     from .common import precision_dtype, process_state, resolve_compile, resolve_device, resolve_precision
@@ -207,7 +209,7 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
     from dho_pipeline.cache_store import ShardData, index_dtype
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.teacher import summarize_logits
-    from dho_pipeline.view_batches import ShardTask, ViewBatches
+    from dho_pipeline.teacher_data import ShardTask, ViewBatches
 
     if not todo:
         return

@@ -45,7 +45,7 @@ def _calibration_ids(config: Config, manifest):
     if config.split is None:
         return np.arange(manifest.num_samples), {"data": [str(d) for d in config.data]}
     from dho_pipeline.split import load_split
-    from dho_pipeline.train_data import SampleTable
+    from dho_pipeline.student_data import SampleTable
 
     split = load_split(config.split)
     split.check_manifest(manifest, where=f"split {config.split}")

@@ -81,7 +81,7 @@ def main(verbose: bool) -> None:
 
 @main.result_callback()
 def _after_command(*_results, **_options) -> None:
-    from stages.common import leave_process_group
+    from dho_pipeline.stages.common import leave_process_group
 
     leave_process_group()
 
@@ -92,7 +92,7 @@ def _after_command(*_results, **_options) -> None:
 @click.option("--workers", type=int, help="Shards scanned at once. [default: 4]")
 def manifest(shards, out, workers):
     """Scan WebDataset SHARDS (paths, brace patterns, globs) into a manifest. No image decoding."""
-    from stages import manifest as stage
+    from dho_pipeline.stages import manifest as stage
 
     result = stage.run(stage.Config(shards=tuple(shards), out=out, **_given(workers=workers)))
     labeled = sum(1 for s in result.shards if s.labels is not None)
@@ -111,7 +111,7 @@ def manifest(shards, out, workers):
 @click.option("--seed", type=int, help="Seed of the sample order (a shuffle of the sorted file list). [default: 0]")
 def shard(folder, out, **options):
     """Turn a class-folder tree (FOLDER/<class>/<image>) into WebDataset shards with .cls labels."""
-    from stages import shard as stage
+    from dho_pipeline.stages import shard as stage
 
     result = stage.run(stage.Config(folder=folder, out=out, **_given(**options)))
     skipped = f"; {result['skipped']} non-image file(s) skipped" if result["skipped"] else ""
@@ -144,7 +144,7 @@ def cache_teacher(manifest_path, out, topk, **options):
     Rerun the same command to resume an interrupted run; run it under torchrun or accelerate launch
     to split the shards across processes.
     """
-    from stages import cache_teacher as stage
+    from dho_pipeline.stages import cache_teacher as stage
 
     given = _given(**options, topk=topk)
     if topk == "all":
@@ -168,7 +168,7 @@ def cache_teacher(manifest_path, out, topk, **options):
 @click.option("--from-list", type=EXISTING_FILE, help="Use the images this file names (one per line) as the labeled set.")
 def split(manifest_path, out, **options):
     """Draw the labeled / held-out / unlabeled split of a manifest."""
-    from stages import split as stage
+    from dho_pipeline.stages import split as stage
 
     result = stage.run(stage.Config(manifest=manifest_path, out=out, **_given(**options)))
     click.echo(
@@ -210,7 +210,7 @@ def split(manifest_path, out, **options):
 @click.option("--crop-scale", type=_FloatList(), help="Online teacher: RandomResizedCrop area range of the views. [default: 0.5,1]")
 def train(recipe, manifest_path, split_path, **options):
     """Train a dual-head student against a teacher cache (the teacher is never loaded)."""
-    from stages import train as stage
+    from dho_pipeline.stages import train as stage
 
     settings = stage.load_recipe(recipe) if recipe else {}
     settings.update(_given(manifest=manifest_path, split=split_path, **options))
@@ -244,7 +244,7 @@ def _student_options(command):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(checkpoint, data, classnames, as_json, **options):
     """Top-1/top-5, NLL and ECE of each head and of the mix; per-class counts."""
-    from stages import evaluate as stage
+    from dho_pipeline.stages import evaluate as stage
 
     report = stage.run(stage.Config(checkpoint=checkpoint, data=tuple(data), classnames=classnames, **_given(**options)))
     if _is_main_rank():
@@ -260,7 +260,7 @@ def evaluate(checkpoint, data, classnames, as_json, **options):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def predict(checkpoint, images, classnames, as_json, **options):
     """Classify IMAGES with the checkpoint's alpha and beta (the model card's inference path)."""
-    from stages import predict as stage
+    from dho_pipeline.stages import predict as stage
 
     results = stage.run(stage.Config(checkpoint=checkpoint, images=tuple(images), classnames=classnames, **_given(**options)))
     if as_json:
@@ -285,7 +285,7 @@ def predict(checkpoint, images, classnames, as_json, **options):
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]))
 def calibrate(checkpoint, data, split_path, out, classnames, **options):
     """Choose alpha and beta on held-out labeled data; write a calibrated checkpoint."""
-    from stages import calibrate as stage
+    from dho_pipeline.stages import calibrate as stage
 
     report = stage.run(stage.Config(checkpoint=checkpoint, data=tuple(data), split=split_path, out=out,
                                     classnames=classnames, **_given(**options)))
@@ -306,7 +306,7 @@ def calibrate(checkpoint, data, split_path, out, classnames, **options):
 @_student_options
 def export(checkpoint, format_, out, classnames, student):
     """Write a checkpoint's weights as safetensors plus a JSON of alpha, beta, classes and architecture."""
-    from stages import export as stage
+    from dho_pipeline.stages import export as stage
 
     result = stage.run(stage.Config(checkpoint=checkpoint, format=format_, **_given(out=out, classnames=classnames, student=student)))
     click.echo(f"wrote {result['weights']} and {result['description']}")
@@ -322,7 +322,7 @@ def cache():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def cache_info(path, as_json):
     """What a cache holds, how complete it is, and which samples are missing."""
-    from stages import cache_tools
+    from dho_pipeline.stages import cache_tools
 
     report = cache_tools.info(path)
     click.echo(json.dumps(report, indent=2) if as_json else cache_tools.format_info(report))
@@ -333,7 +333,7 @@ def cache_info(path, as_json):
 @click.option("--manifest", "manifest_path", required=True, type=PATH, help="The manifest the cache was built from.")
 def cache_verify(path, manifest_path):
     """Check every shard: complete, keys in manifest order, finite values, indices in range."""
-    from stages import cache_tools
+    from dho_pipeline.stages import cache_tools
 
     problems = cache_tools.verify(path, manifest_path)
     for problem in problems:
@@ -349,7 +349,7 @@ def cache_verify(path, manifest_path):
 @click.option("--limit", type=int, help="At most this many samples.")
 def cache_dump(path, shard, limit):
     """Print one JSON object per sample: views with box, flip, top-k and log-partitions."""
-    from stages import cache_tools
+    from dho_pipeline.stages import cache_tools
 
     for record in cache_tools.dump(path, shard=shard, limit=limit):
         click.echo(json.dumps(record))
@@ -359,7 +359,7 @@ def cache_dump(path, shard, limit):
 @click.option("--check", is_flag=True, default=None, help="Retrain in a scratch folder and compare with the shipped files.")
 def pretrain_demo_clips(check):
     """Pretrain the demo's tiny teacher and student CLIPs (reproduces the shipped weights bit for bit)."""
-    from stages import pretrain_demo as stage
+    from dho_pipeline.stages import pretrain_demo as stage
 
     results = stage.run(stage.Config(**_given(check=check)))
     for stem, result in results.items():
@@ -379,9 +379,9 @@ def pretrain_demo_clips(check):
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def demo(as_json, **options):
     """Run the pipeline end to end on scikit-learn's digits with tiny CLIPs (CPU, offline, minutes)."""
-    from stages import demo as stage
+    from dho_pipeline.stages import demo as stage
 
-    results = stage.run(stage.Config(**_given(**options)))
+    results = stage.run(stage.Config(**_given(**options)), invoke=lambda args: main.main(args=args, standalone_mode=False))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -1,4 +1,4 @@
-"""What several stages share: default file locations, devices and precision, rank coordination."""
+"""What several stages share: devices and precision, rank coordination, JSON-lines logs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from typing import Callable, TypeVar
 
 from dho_pipeline.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS_DIR = REPO_ROOT / "manifests"
-IMAGENET_CLASSNAMES = MANIFESTS_DIR / "imagenet_classnames.txt"
-IMAGENET_TEMPLATES = MANIFESTS_DIR / "imagenet_templates.txt"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 log = logging.getLogger("dho_pipeline")

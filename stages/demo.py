@@ -29,6 +29,7 @@ import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -59,22 +60,24 @@ class Config:
 
 
 class _Runner:
-    """Runs dho-pipeline commands in-process, logging each one (the report lists them)."""
+    """Runs dho-pipeline commands in-process, logging each one (the report lists them).
 
-    def __init__(self, out: Path):
-        self.out = out
+    `invoke(args)` runs one command line; the command line hands it in (this module does not import
+    the CLI, which imports this module).
+    """
+
+    def __init__(self, invoke: Callable[[list[str]], None]):
+        self.invoke = invoke
         self.commands: list[dict] = []
 
     def __call__(self, step: str, *args, capture: bool = False) -> str:
-        from stages.cli import main
-
         words = [str(a) for a in args]
         click.echo(f"[demo] {step}: dho-pipeline {shlex.join(words)}", err=True)
         started = time.perf_counter()
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):  # the demo's own stdout carries only its result
             try:
-                main.main(args=words, standalone_mode=False)
+                self.invoke(words)
             except click.ClickException as error:
                 raise UserError(f"demo step '{step}' failed: {error.format_message()}") from None
         if not capture:
@@ -86,7 +89,7 @@ class _Runner:
 
 def write_digit_shards(out: Path) -> dict[str, list[Path]]:
     """The three parts as shards, out/data/<part>-NNNNNN.tar (byte-identical on every run)."""
-    from dho_pipeline.digits import load_digit_images, three_way_split
+    from dho_pipeline.demo.digits import load_digit_images, three_way_split
     from dho_pipeline.shard_writer import SampleSource, write_shards
 
     images, labels = load_digit_images(32)
@@ -115,16 +118,17 @@ def cache_accuracy(cache_path: Path, manifest_path: Path) -> float:
     return correct / total
 
 
-def run(config: Config) -> dict:
-    from dho_pipeline.digits import CLASSNAMES, CROP_SCALE, TEMPLATES
-    from dho_pipeline.tiny_clip import expand_compact
+def run(config: Config, invoke: Callable[[list[str]], None]) -> dict:
+    """The demo; `invoke(args)` runs one dho-pipeline command line in this process."""
+    from dho_pipeline.demo.digits import CLASSNAMES, CROP_SCALE, TEMPLATES
+    from dho_pipeline.demo.tiny_clip import expand_compact
 
     from .pretrain_demo import SHIPPED
 
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_cli = _Runner(out)
+    run_cli = _Runner(invoke)
     classes, templates = out / "classnames.txt", out / "templates.txt"
     classes.write_text("\n".join(CLASSNAMES) + "\n")
     templates.write_text("\n".join(TEMPLATES) + "\n")

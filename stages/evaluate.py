@@ -31,8 +31,8 @@ class Config:
 def load_inputs(config):
     """The student, its evaluation data, and this process's device and precision."""
     from dho_pipeline.manifest import manifest_for_data
-    from dho_pipeline.released import load_student
-    from dho_pipeline.textlists import read_classnames
+    from dho_pipeline.student_checkpoint import load_student
+    from dho_pipeline.prompts import read_classnames
 
     from .common import process_state, resolve_device, resolve_precision
 

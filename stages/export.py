@@ -27,8 +27,8 @@ class Config:
 def run(config: Config) -> dict:
     from safetensors.torch import save_file
 
-    from dho_pipeline.released import load_student
-    from dho_pipeline.textlists import read_classnames
+    from dho_pipeline.student_checkpoint import load_student
+    from dho_pipeline.prompts import read_classnames
 
     if config.format != "safetensors":
         raise UserError(f"--format {config.format!r} is not supported; use safetensors")

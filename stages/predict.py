@@ -29,9 +29,9 @@ def run(config: Config) -> list[dict]:
     import torch
 
     from dho_pipeline.pixels import Normalizer
-    from dho_pipeline.released import load_student
+    from dho_pipeline.student_checkpoint import load_student
     from dho_pipeline.student import combine_heads
-    from dho_pipeline.textlists import read_classnames
+    from dho_pipeline.prompts import read_classnames
     from dho_pipeline.views import center_box, decode_rgb, describe_decode_error, render_view
 
     # Every image is read and decoded before anything is printed: a bad one stops the run cleanly.

@@ -1,6 +1,6 @@
 """Pretrain the demo's tiny CLIPs on the digits' pretrain part; reproduces the shipped weights bit for bit.
 
-    dho-pipeline pretrain-demo-clips            # rewrite dho_pipeline/demo_weights/*.safetensors
+    dho-pipeline pretrain-demo-clips            # rewrite dho_pipeline/demo/weights/*.safetensors
     dho-pipeline pretrain-demo-clips --check    # retrain in a temporary folder, compare with the shipped files
 
 Teacher: `dho-tiny-teacher` (ViT, 3 layers, width 96) on all 600 pretrain images, 60 epochs: it stands
@@ -17,9 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import dho_pipeline.demo
 from dho_pipeline.errors import UserError
 
-SHIPPED = Path(__file__).resolve().parent.parent / "dho_pipeline" / "demo_weights"
+SHIPPED = Path(dho_pipeline.demo.__file__).parent / "weights"  # the files pretrain-demo-clips reproduces
 RECIPES = {
     # file stem: (open_clip model, pretrain images used, epochs, seed)
     "tiny-teacher": ("dho-tiny-teacher", 600, 60, 0),
@@ -51,7 +52,7 @@ def zero_shot_accuracy(model, name: str, pixels, labels) -> float:
     import torch.nn.functional as F
 
     from dho_pipeline.clip_models import LoadedClip, _open_clip, class_text_embeddings
-    from dho_pipeline.digits import CLASSNAMES, TEMPLATES
+    from dho_pipeline.demo.digits import CLASSNAMES, TEMPLATES
 
     loaded = LoadedClip(model=model, tokenizer=_open_clip().get_tokenizer(name), name=name, pretrained="",
                         weights_fingerprint="", preprocess=None)
@@ -64,9 +65,9 @@ def zero_shot_accuracy(model, name: str, pixels, labels) -> float:
 def run(config: Config) -> dict:
     import click
 
-    from dho_pipeline.digits import CLASSNAMES, CROP_SCALE, TEMPLATES, load_digit_images, three_way_split
+    from dho_pipeline.demo.digits import CLASSNAMES, CROP_SCALE, TEMPLATES, load_digit_images, three_way_split
     from dho_pipeline.hashing import safetensors_fingerprint as content_fingerprint
-    from dho_pipeline.tiny_clip import pretrain, save_compact
+    from dho_pipeline.demo.tiny_clip import pretrain, save_compact
 
     images, labels = load_digit_images(32)
     parts = three_way_split(len(images))

@@ -25,7 +25,7 @@ class Config:
 
 def run(config: Config) -> dict:
     from dho_pipeline.shard_writer import folder_samples, shuffled, write_shards
-    from dho_pipeline.textlists import read_lines
+    from dho_pipeline.prompts import read_lines
 
     class_list = read_lines(config.classes, "class-list") if config.classes else None
     samples, classes, skipped = folder_samples(Path(config.folder), class_list)

@@ -26,7 +26,7 @@ class Config:
 def run(config: Config):
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.split import draw_split, save_split
-    from dho_pipeline.textlists import read_lines
+    from dho_pipeline.prompts import read_lines
 
     manifest = load_manifest(config.manifest)
     names = read_lines(config.from_list, "image list") if config.from_list else None

@@ -153,15 +153,15 @@ def _check_inputs(config: Config):
     from dho_pipeline.cache_store import TeacherCache
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.split import load_split
-    from dho_pipeline.textlists import read_classnames
-    from dho_pipeline.train_data import temperature_column
+    from dho_pipeline.prompts import read_classnames
+    from dho_pipeline.student_data import temperature_column
 
     manifest = load_manifest(config.manifest)
     split = load_split(config.split)
     if config.teacher_online:
-        from dho_pipeline.textlists import read_templates
+        from dho_pipeline.prompts import read_templates
 
-        from .common import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+        from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 
         classnames = read_classnames(config.classnames or IMAGENET_CLASSNAMES)
         templates = read_templates(config.templates or IMAGENET_TEMPLATES)
@@ -197,7 +197,7 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
     import numpy as np
     import torch
 
-    from dho_pipeline.train_data import (
+    from dho_pipeline.student_data import (
         IdStream, PreloadedRows, SampleTable, ShardRows, StudentBatches, labeled_order, unlabeled_order,
     )
 
@@ -243,7 +243,7 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
 def _online_streams(config, table, labeled, unlabeled, rank, world, micro_batch, student_size, teacher_size, positions):
     import torch
 
-    from dho_pipeline.train_data import IdStream, StudentBatches, labeled_order, unlabeled_order
+    from dho_pipeline.student_data import IdStream, StudentBatches, labeled_order, unlabeled_order
     from dho_pipeline.views import VIEW0_WHOLE, ViewPolicy
 
     # Views 1, 2, 3, ... at stream epochs 0, 1, 2, ...: RandomResizedCrop + flip, as stage one draws them.
@@ -516,7 +516,7 @@ def _evaluator(config: Config, accelerator, student, normalize, student_size, ca
 
     from dho_pipeline.evaluation import collect_logits, finish_statistics, sufficient_statistics
     from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.train_data import FiniteIdStream, SampleTable, StudentBatches
+    from dho_pipeline.student_data import FiniteIdStream, SampleTable, StudentBatches
 
     eval_manifest = load_manifest(config.eval_data)
     eval_manifest.check_files()

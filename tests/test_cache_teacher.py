@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import BIN, cache_args, cli, dump, image_bytes, run_command, write_lists, write_shards
+from helpers import BIN, cache_args, cli, dump, image_bytes, run_command, write_lists, write_shards
 from PIL import Image
 
 from dho_pipeline.cache_store import TeacherCache, exclusive_writer

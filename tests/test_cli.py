@@ -9,18 +9,18 @@ import sys
 
 import pytest
 import webdataset as wds
-from conftest import cli, image_bytes, random_image
+from helpers import cli, image_bytes, random_image
 
-from stages import cache_teacher, shard
-from stages.cli import main
+from dho_pipeline.stages import cache_teacher, shard
+from dho_pipeline.stages.cli import main
 
 
 def test_help_does_not_import_torch():
     code = (
-        "import sys; from stages.cli import main\n"
+        "import sys; from dho_pipeline.stages.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "from stages import cache_teacher, manifest, shard, cache_tools\n"
+        "from dho_pipeline.stages import cache_teacher, manifest, shard, cache_tools\n"
         "assert 'torch' not in sys.modules, 'importing a stage imported torch'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

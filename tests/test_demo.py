@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import cli
+from helpers import cli
 
 
 def test_demo_reports_real_measurements(tmp_path):

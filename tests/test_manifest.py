@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import cli, image_bytes, random_image, write_shards
+from helpers import cli, image_bytes, random_image, write_shards
 
 from dho_pipeline.errors import UserError
 from dho_pipeline.manifest import load_manifest

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from conftest import BIN, cached_dataset, cli, image_bytes, random_image, run_command, write_lists
+from helpers import BIN, cached_dataset, cli, image_bytes, random_image, run_command, write_lists
 from PIL import Image
 from torch import nn
 
 from dho_pipeline.evaluation import best_point
-from dho_pipeline.released import detect_architecture, load_student
+from dho_pipeline.student_checkpoint import detect_architecture, load_student
 
 
 # ---- a released-format checkpoint, built the model card's way with OpenAI's CLIP code ----------------

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import cli, write_shards
+from helpers import cli, write_shards
 
 from dho_pipeline.errors import UserError
 from dho_pipeline.manifest import load_manifest

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from dho_pipeline.digits import CLASSNAMES, CROP_SCALE, TEMPLATES, load_digit_images, three_way_split
+from dho_pipeline.demo.digits import CLASSNAMES, CROP_SCALE, TEMPLATES, load_digit_images, three_way_split
 from dho_pipeline.hashing import safetensors_fingerprint as content_fingerprint
-from dho_pipeline.tiny_clip import TOKEN_TABLE, expand_compact, pretrain, save_compact
+from dho_pipeline.demo.tiny_clip import TOKEN_TABLE, expand_compact, pretrain, save_compact
 
 
 def test_pretraining_is_reproducible_and_compact_files_expand(tmp_path):
@@ -30,7 +30,7 @@ def test_pretraining_is_reproducible_and_compact_files_expand(tmp_path):
 
 
 def test_shipped_demo_weights_load():
-    from stages.pretrain_demo import RECIPES, SHIPPED
+    from dho_pipeline.stages.pretrain_demo import RECIPES, SHIPPED
 
     for stem, (name, *_rest) in RECIPES.items():
         assert (SHIPPED / f"{stem}.safetensors").stat().st_size < 3_000_000

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BIN, TINY_TEACHER, cache_args, cached_dataset, cli, run_command, write_lists, write_shards
+from helpers import BIN, TINY_TEACHER, cache_args, cached_dataset, cli, run_command, write_lists, write_shards
 from torch import nn
 
 from dho_pipeline.clip_models import load_clip
@@ -248,7 +248,7 @@ def test_full_logit_cache_serves_any_temperature_and_missing_samples_are_skipped
 def test_shipped_recipes_are_complete_configs():
     from pathlib import Path
 
-    from stages.train import Config, load_recipe
+    from dho_pipeline.stages.train import Config, load_recipe
 
     recipes = sorted(Path(__file__).parent.parent.glob("manifests/recipes/*.toml"))
     assert len(recipes) >= 4

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import cached_dataset
+from helpers import cached_dataset
 
 from dho_pipeline.cache_store import TeacherCache
 from dho_pipeline.manifest import load_manifest
 from dho_pipeline.split import load_split
-from dho_pipeline.train_data import (
+from dho_pipeline.student_data import (
     IdStream, PreloadedRows, SampleTable, StudentBatches, _ImageReader, labeled_order, unlabeled_order,
 )
 

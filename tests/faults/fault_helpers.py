@@ -1,7 +1,7 @@
 """Helpers shared by the fault-injection suite (tests/faults/test_fault_*.py).
 
 Imported by the test modules as `fault_helpers` (pytest puts tests/faults on sys.path); the generic
-helpers (generated shards, class lists, the in-process CLI) come from tests/conftest.py.
+helpers (generated shards, class lists, the in-process CLI) come from tests/helpers.py.
 
 Faults that need a real process death run `dho-pipeline` in a subprocess under `fault_runner.py`,
 which arms one fault (a SIGKILL of its own process at a chosen point, inside zarr's or torch's
@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import (
+from helpers import (
     CLASSNAMES, TINY_TEACHER, cache_args, cached_dataset, cli, image_bytes, labeled_dataset, random_image, write_lists,
     write_shards,
 )
 
-from stages.cli import main as cli_main
+from dho_pipeline.stages.cli import main as cli_main
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 REPO = Path(__file__).resolve().parents[2]
-# Re-exported for the test modules: the generic helpers of tests/conftest.py.
+# Re-exported for the test modules: the generic helpers of tests/helpers.py.
 __all__ = ["CLASSNAMES", "TINY_TEACHER", "cache_args", "cli", "labeled_dataset", "write_lists", "write_shards"]
 
 
@@ -118,7 +118,7 @@ def line_count(path: Path) -> int:
 
 
 def trainable_dataset(root: Path, **options) -> dict:
-    """conftest.cached_dataset (shards, manifest, cache, split), built on one torch thread."""
+    """helpers.cached_dataset (shards, manifest, cache, split), built on one torch thread."""
     with one_thread():
         return cached_dataset(root, **options)
 

@@ -131,7 +131,7 @@ def main() -> None:
         else:
             raise SystemExit(f"fault_runner: unknown fault kind {kind!r}")
 
-    from stages.cli import main as cli_main
+    from dho_pipeline.stages.cli import main as cli_main
 
     cli_main(args, prog_name="dho-pipeline")
 

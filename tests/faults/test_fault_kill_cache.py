@@ -19,7 +19,7 @@ from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixtu
 )
 
 from dho_pipeline.cache_store import TeacherCache
-from stages import cache_tools
+from dho_pipeline.stages import cache_tools
 
 EXTRA = ("--views", "2", "--batch-size", "2")  # one image per teacher batch: many moments to be killed at
 KILLS = 10

@@ -59,9 +59,10 @@ def _classnames_for(path: Path, num_classes: int, meta: dict, classnames: list[s
     elif meta.get("classnames"):
         names, source = meta["classnames"], "the checkpoint's class list"
     elif num_classes == 1000:
-        from .textlists import read_classnames
+        from .package_data import IMAGENET_CLASSNAMES
+        from .prompts import read_classnames
 
-        names = read_classnames(Path(__file__).resolve().parent.parent / "manifests" / "imagenet_classnames.txt")
+        names = read_classnames(IMAGENET_CLASSNAMES)
         source = "the ImageNet class list"
     else:
         raise UserError(f"checkpoint {path} has {num_classes}-class heads and no class names; pass --classnames")

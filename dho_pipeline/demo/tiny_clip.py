@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .textlists import fill_template
+from ..prompts import fill_template
 
 TOKEN_TABLE = "token_embedding.weight"
 
 
 def _open_clip_model(name: str, seed: int):
-    from .clip_models import _open_clip, _quiet_open_clip_logging
+    from ..clip_models import _open_clip, _quiet_open_clip_logging
 
     open_clip = _open_clip()
     with torch.random.fork_rng(devices=[]), _quiet_open_clip_logging():
@@ -39,7 +39,7 @@ def _open_clip_model(name: str, seed: int):
 def _augmented(images, keys, policy, epoch: int, rng, size, mean, std) -> torch.Tensor:
     """One view per image for this epoch: half the images whole, half a fresh random crop + flip,
     drawn and rendered exactly as the pipeline's views are (a web-pretrained VLM has seen crops)."""
-    from .views import draw_view, render_view
+    from ..views import draw_view, render_view
 
     rendered = []
     for image, key in zip(images, keys):
@@ -57,7 +57,7 @@ def pretrain(name: str, images: list, labels: np.ndarray, classnames: list[str],
     labels, under the pipeline's own view augmentation. Returns (model, token ids the captions use)."""
     from open_clip.loss import ClipLoss
 
-    from .views import VIEW0_CENTER_SQUARE, ViewPolicy
+    from ..views import VIEW0_CENTER_SQUARE, ViewPolicy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-for-bit reproducible on CPU
