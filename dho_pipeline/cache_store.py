@@ -253,18 +253,15 @@ class TeacherCache:
         missing = [{"key": key, "reason": data.missing_reasons.get(key, "")} for key in np.array(data.keys)[data.missing]]
         group.attrs.update({"complete": True, "num_missing": len(missing), "missing": missing})
 
-    def read_shard(self, index: int, arrays: tuple[str, ...] = ARRAYS) -> dict[str, np.ndarray]:
-        """A complete shard's arrays, whole, as numpy."""
+    def read_shard(self, index: int, arrays: tuple[str, ...] = ARRAYS, positions=None) -> dict[str, np.ndarray]:
+        """A complete shard's arrays as numpy: every row, or only the rows at `positions`."""
         if not self.is_complete(index):
             raise UserError(f"cache {self.path}: shard {self.spec.shards[index]['name']} is not complete")
         zarr = _zarr()
         group = zarr.open_group(store=str(self.path), path=self.shard_group_name(index), mode="r")
-        return {name: group[name][...] for name in arrays}
-
-    def open_shard_arrays(self, index: int):
-        """Lazy zarr arrays of a complete shard, for reading a few rows."""
-        zarr = _zarr()
-        return zarr.open_group(store=str(self.path), path=self.shard_group_name(index), mode="r")
+        if positions is None:
+            return {name: group[name][...] for name in arrays}
+        return {name: group[name].oindex[np.asarray(positions)] for name in arrays}
 
     def incomplete_shards(self) -> list[int]:
         return [i for i in range(len(self.spec.shards)) if not self.is_complete(i)]

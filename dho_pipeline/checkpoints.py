@@ -1,9 +1,7 @@
 """Checkpoints: whole or absent, and loaded without running pickled code.
 
-- Released format (the DHO model card): a `torch.save` dict with `model_state_dict` (keys `backbone.*`,
-  `ce_head.*`, `kd_head.*`), `epoch`, `acc`, `alpha`, `beta`. Ours adds `dho_pipeline`: a JSON-like
-  dict of metadata (architecture, class names, config, cache/split fingerprints). Everything in it is
-  tensors, numbers, strings, lists and dicts, so it loads with `torch.load(..., weights_only=True)`.
+- Student checkpoints (the released DHO format plus our metadata): their schema is
+  dho_pipeline.student_checkpoint; they are saved with `save_atomically` and read with `load_checkpoint_file`.
 - Training state: `RUN_DIR/checkpoints/step-NNNNNNNN/state.pt` with model, optimiser and data position.
   It is written under a temporary name and renamed when whole, so a checkpoint directory that exists
   is complete; resuming takes the newest one.
@@ -71,14 +69,6 @@ def save_atomically(payload: dict, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def save_release_checkpoint(path: Path, model_state: dict, *, epoch: int, acc: float | None, alpha: float,
-                            beta: float, metadata: dict) -> None:
-    save_atomically(
-        {"model_state_dict": model_state, "epoch": epoch, "acc": acc, "alpha": alpha, "beta": beta, "dho_pipeline": metadata},
-        Path(path),
-    )
 
 
 def save_training_state(run_dir: Path, step: int, payload: dict, keep: int = 2) -> Path:

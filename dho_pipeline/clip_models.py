@@ -57,6 +57,11 @@ class Preprocess:
             "std": list(self.std),
         }
 
+    @classmethod
+    def from_json(cls, value: dict) -> "Preprocess":
+        return cls(image_size=tuple(value["image_size"]), resize_mode=value["resize_mode"],
+                   interpolation=value["interpolation"], mean=tuple(value["mean"]), std=tuple(value["std"]))
+
 
 @dataclass
 class LoadedClip:

@@ -1,21 +1,37 @@
-"""Loading student checkpoints: ours, and the released DHO ones (vit_b_1.pt, vit_l_10.pt, ...).
+"""Student checkpoints: one schema for the file `train` writes, `calibrate` rewrites and every command reads.
 
-Released checkpoints carry no architecture; their backbones were trained with OpenAI's `clip`
-package, whose image towers are open_clip's OpenAI models *with QuickGELU* (same state-dict keys; the
-plain-GELU models load the same weights without complaint and give different outputs). `--student`
-names the architecture as the model card does (`ViT-B-16`, `ViT-L-14`, `ViT-L-14-336px`, `RN50`), or
-any open_clip model; when neither the checkpoint nor the user says, it is read off the weights' shapes.
+The file is the released DHO format (the model card's): a `torch.save` dict with `model_state_dict`
+(keys `backbone.*`, `ce_head.weight/bias`, `kd_head.weight/bias`, possibly prefixed `module.`),
+`epoch`, `acc`, `alpha` and `beta`. Ours adds the key `dho_pipeline`: `StudentMetadata` as plain
+JSON-like values (architecture and preprocessing, class names and templates, the training config, the
+fingerprints of cache, manifest and split, the labeled keys, what it was calibrated on), so the file
+still loads with `torch.load(..., weights_only=True)` and with the model card's own code.
+
+Released checkpoints (vit_b_1.pt, vit_l_10.pt, ...) carry no metadata and no architecture; their
+backbones were trained with OpenAI's `clip` package, whose image towers are open_clip's OpenAI models
+*with QuickGELU* (same state-dict keys; the plain-GELU models load the same weights without complaint
+and give different outputs). `--student` names the architecture as the model card does (`ViT-B-16`,
+`ViT-L-14`, `ViT-L-14-336px`, `RN50`), or any open_clip model; when neither the checkpoint nor the user
+says, it is read off the weights' shapes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import load_checkpoint_file, strip_module_prefix
+import torch
+
+from .checkpoints import load_checkpoint_file, save_atomically, strip_module_prefix
 from .clip_models import Preprocess, load_clip
 from .errors import UserError
 from .student import DualHeadStudent
+
+FORMAT = "dho-pipeline-student"
+VERSION = 1
+HEAD_KEYS = ("ce_head.weight", "ce_head.bias", "kd_head.weight", "kd_head.bias")
+PAPER_ALPHA_BETA = (0.5, 0.5)  # the paper's fixed mix, and what a file without alpha/beta means
 
 # The model card's names for OpenAI CLIP towers, as open_clip models with the right activation.
 CARD_ARCHITECTURES = {
@@ -27,15 +43,133 @@ CARD_ARCHITECTURES = {
 }
 
 
+@dataclass(frozen=True, kw_only=True)
+class StudentMetadata:
+    """What dho-pipeline records beside the released fields (the payload's `dho_pipeline` key)."""
+
+    model: str  # open_clip model name of the backbone
+    pretrained: str  # the weights it started from
+    preprocess: Preprocess
+    classnames: list[str]
+    templates: list[str]
+    config: dict  # the training run's resolved config, as JSON
+    cache_fingerprint: str | None  # None: trained with the teacher online
+    manifest_fingerprint: str
+    split_fingerprint: str
+    steps: int
+    finished: bool
+    labeled_keys: list[str]  # so that `calibrate` can refuse images the student was trained on as labeled
+    calibrated_on: dict | None = None  # set by `calibrate`: data, split, sample count, overlap
+
+    def to_payload(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION,
+            "student": {"model": self.model, "pretrained": self.pretrained, "preprocess": self.preprocess.to_json()},
+            "classnames": list(self.classnames), "templates": list(self.templates), "config": self.config,
+            "cache_fingerprint": self.cache_fingerprint, "manifest_fingerprint": self.manifest_fingerprint,
+            "split_fingerprint": self.split_fingerprint, "steps": self.steps, "finished": self.finished,
+            "labeled_keys": list(self.labeled_keys), "calibrated_on": self.calibrated_on,
+        }
+
+    @classmethod
+    def from_payload(cls, raw, path: Path) -> "StudentMetadata":
+        where = f"checkpoint {path}: its dho_pipeline metadata"
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise UserError(f"{where} is not dho-pipeline's; was the file written by another tool?")
+        if raw.get("version") != VERSION:
+            raise UserError(f"{where} has version {raw.get('version')!r}; this tool reads version {VERSION}")
+        try:
+            student = raw["student"]
+            metadata = cls(
+                model=student["model"], pretrained=student["pretrained"],
+                preprocess=Preprocess.from_json(student["preprocess"]), classnames=raw["classnames"],
+                templates=raw["templates"], config=raw["config"], cache_fingerprint=raw["cache_fingerprint"],
+                manifest_fingerprint=raw["manifest_fingerprint"], split_fingerprint=raw["split_fingerprint"],
+                steps=raw["steps"], finished=raw["finished"], labeled_keys=raw["labeled_keys"],
+                calibrated_on=raw["calibrated_on"],
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"{where} is malformed ({type(error).__name__}: {error})") from None
+        if not (isinstance(metadata.model, str) and _strings(metadata.classnames) and _strings(metadata.labeled_keys)):
+            raise UserError(f"{where} is malformed (model, classnames or labeled_keys of the wrong type)")
+        return metadata
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentCheckpoint:
+    """A student checkpoint file: the released DHO fields, plus our metadata (None for a released file)."""
+
+    state_dict: dict[str, torch.Tensor]  # backbone.*, ce_head.*, kd_head.* (no `module.` prefix)
+    epoch: int
+    acc: float | None  # the mix's top-1 where known (evaluation during training, or calibration)
+    alpha: float
+    beta: float
+    metadata: StudentMetadata | None
+
+    def to_payload(self) -> dict:
+        payload = {"model_state_dict": self.state_dict, "epoch": self.epoch, "acc": self.acc,
+                   "alpha": self.alpha, "beta": self.beta}
+        if self.metadata is not None:
+            payload["dho_pipeline"] = self.metadata.to_payload()
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict, path: Path) -> "StudentCheckpoint":
+        if not isinstance(payload.get("model_state_dict"), dict):
+            raise UserError(f"checkpoint {path} has no model_state_dict; is it a DHO student checkpoint?")
+        state = strip_module_prefix(payload["model_state_dict"])
+        if not all(isinstance(state.get(k), torch.Tensor) for k in HEAD_KEYS):
+            raise UserError(f"checkpoint {path} lacks the dual heads ({', '.join(HEAD_KEYS)})")
+        alpha, beta = (payload.get(name, default) for name, default in zip(("alpha", "beta"), PAPER_ALPHA_BETA))
+        if not (_number(alpha) and _number(beta)) or not 0 <= float(alpha) <= 1 or float(beta) <= 0:
+            raise UserError(f"checkpoint {path}: alpha must be a number in [0, 1] and beta a positive number")
+        metadata = payload.get("dho_pipeline")
+        return cls(
+            state_dict=state, epoch=int(payload.get("epoch") or 0),
+            acc=float(payload["acc"]) if _number(payload.get("acc")) else None,
+            alpha=float(alpha), beta=float(beta),
+            metadata=None if metadata is None else StudentMetadata.from_payload(metadata, path),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StudentCheckpoint":
+        """Read a checkpoint (ours or a released one) safely: weights_only, every fault one line."""
+        return cls.from_payload(load_checkpoint_file(path), Path(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write whole or not at all (temporary name, then rename)."""
+        save_atomically(self.to_payload(), Path(path))
+
+    def calibrated(self, *, alpha: float, beta: float, acc: float, calibrated_on: dict) -> "StudentCheckpoint":
+        """The same student with a chosen head mix, recording what it was chosen on."""
+        metadata = self.metadata and dataclasses.replace(self.metadata, calibrated_on=calibrated_on)
+        return dataclasses.replace(self, alpha=alpha, beta=beta, acc=acc, metadata=metadata)
+
+    @property
+    def labeled_keys(self) -> set[str]:
+        """Keys the student was trained on as labeled (empty for a released checkpoint: unknown)."""
+        return set(self.metadata.labeled_keys) if self.metadata else set()
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strings(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+
 @dataclass
 class LoadedStudent:
+    """A student ready to run: the model (CPU, eval mode) and everything needed to feed and read it."""
+
     model: DualHeadStudent
     architecture: str  # open_clip model name
     classnames: list[str]
     preprocess: Preprocess
     alpha: float
     beta: float
-    checkpoint: dict  # everything else the file held (epoch, acc, our metadata)
+    checkpoint: StudentCheckpoint
 
 
 def detect_architecture(state: dict) -> str | None:
@@ -53,17 +187,17 @@ def detect_architecture(state: dict) -> str | None:
     return None
 
 
-def _classnames_for(path: Path, num_classes: int, meta: dict, classnames: list[str] | None) -> list[str]:
+def _classnames_for(path: Path, num_classes: int, metadata: StudentMetadata | None,
+                    classnames: list[str] | None) -> list[str]:
     if classnames is not None:
         names, source = classnames, "the class list given"
-    elif meta.get("classnames"):
-        names, source = meta["classnames"], "the checkpoint's class list"
+    elif metadata is not None:
+        names, source = metadata.classnames, "the checkpoint's class list"
     elif num_classes == 1000:
         from .package_data import IMAGENET_CLASSNAMES
         from .prompts import read_classnames
 
-        names = read_classnames(IMAGENET_CLASSNAMES)
-        source = "the ImageNet class list"
+        names, source = read_classnames(IMAGENET_CLASSNAMES), "the ImageNet class list"
     else:
         raise UserError(f"checkpoint {path} has {num_classes}-class heads and no class names; pass --classnames")
     if len(names) != num_classes:
@@ -74,22 +208,16 @@ def _classnames_for(path: Path, num_classes: int, meta: dict, classnames: list[s
 def load_student(path: str | Path, *, student: str | None = None, classnames: list[str] | None = None) -> LoadedStudent:
     """A dual-head student from a checkpoint file, on the CPU, in eval mode."""
     path = Path(path)
-    checkpoint = load_checkpoint_file(path)
-    if not isinstance(checkpoint.get("model_state_dict"), dict):
-        raise UserError(f"checkpoint {path} has no model_state_dict; is it a DHO student checkpoint?")
-    state = strip_module_prefix(checkpoint["model_state_dict"])
-    heads = ("ce_head.weight", "ce_head.bias", "kd_head.weight", "kd_head.bias")
-    if not all(k in state for k in heads):
-        raise UserError(f"checkpoint {path} lacks the dual heads ({', '.join(heads)})")
-    meta = checkpoint.get("dho_pipeline") or {}
-    recorded = (meta.get("student") or {}).get("model")
+    checkpoint = StudentCheckpoint.load(path)
+    state, metadata = checkpoint.state_dict, checkpoint.metadata
+    recorded = metadata.model if metadata else None
     architecture = student or recorded or detect_architecture(state)
     if architecture is None:
         raise UserError(f"checkpoint {path} does not say its architecture and its shapes are not a known one; pass --student")
     name = CARD_ARCHITECTURES.get(architecture, architecture)
     loaded = load_clip(name, "none", resize=None if recorded else "shortest")
     num_classes, feature_dim = state["ce_head.weight"].shape
-    names = _classnames_for(path, num_classes, meta, classnames)
+    names = _classnames_for(path, num_classes, metadata, classnames)
     model = DualHeadStudent(loaded.model.visual, feature_dim, num_classes)
     try:
         problems = model.load_state_dict(state, strict=False)
@@ -102,17 +230,9 @@ def load_student(path: str | Path, *, student: str | None = None, classnames: li
             f"checkpoint {path} does not fit {name} ({len(problems.missing_keys)} missing, "
             f"{len(problems.unexpected_keys)} unexpected weights, e.g. {sample}); pass the right --student"
         )
-    recorded_preprocess = (meta.get("student") or {}).get("preprocess")
-    preprocess = loaded.preprocess
-    if recorded_preprocess:
-        preprocess = Preprocess(
-            image_size=tuple(recorded_preprocess["image_size"]), resize_mode=recorded_preprocess["resize_mode"],
-            interpolation=recorded_preprocess["interpolation"], mean=tuple(recorded_preprocess["mean"]),
-            std=tuple(recorded_preprocess["std"]),
-        )
     model.eval()
     return LoadedStudent(
-        model=model, architecture=name, classnames=names, preprocess=preprocess,
-        alpha=float(checkpoint.get("alpha", 0.5)), beta=float(checkpoint.get("beta", 0.5)), checkpoint=checkpoint,
+        model=model, architecture=name, classnames=names,
+        preprocess=metadata.preprocess if metadata else loaded.preprocess,
+        alpha=checkpoint.alpha, beta=checkpoint.beta, checkpoint=checkpoint,
     )
-

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cache_store import TeacherCache
+from .cache_reader import CacheReader, CachedViews
 from .errors import UserError
 from .manifest import Manifest
 from .views import ViewPolicy, center_box, decode_rgb, describe_decode_error, draw_view, render_view
@@ -164,92 +164,50 @@ class FiniteIdStream:
         return ids, np.zeros(len(ids), np.int64)
 
 
-# ---- cached teacher rows ---------------------------------------------------------------------------
-
-
-@dataclass
-class TeacherRows:
-    """Cached views of some samples: boxes, flips and the teacher's top-k at one temperature."""
-
-    boxes: np.ndarray  # uint16 [n, V, 4]
-    flips: np.ndarray  # bool [n, V]
-    topk_index: np.ndarray  # [n, V, K]
-    topk_logit: np.ndarray  # float16 [n, V, K]
-    log_partition: np.ndarray  # float32 [n, V] at the training temperature (NaN: compute from the logits)
-
-
-def temperature_column(cache: TeacherCache, temperature: float) -> int | None:
-    """Index of T in the cache's log-partitions; None for a full-logit cache without that T."""
-    temperatures = [float(t) for t in cache.spec.temperatures]
-    if float(temperature) in temperatures:
-        return temperatures.index(float(temperature))
-    if cache.spec.full_logits:
-        return None
-    held = ", ".join(f"{t:g}" for t in temperatures)
-    raise UserError(
-        f"cache {cache.path} holds top-{cache.spec.topk} logits with exact log-partitions at T = {held} only; "
-        f"train at one of those, or rebuild the cache with --temperatures including {temperature:g} (or --topk all)"
-    )
-
-
-def _rows_from(arrays: dict, column: int | None) -> TeacherRows:
-    log_partition = arrays["log_partition"][..., column] if column is not None else np.full(arrays["flip"].shape, np.nan, np.float32)
-    return TeacherRows(arrays["box"], arrays["flip"], arrays["topk_index"], arrays["topk_logit"], log_partition)
-
-
-_ROW_ARRAYS = ("key", "box", "flip", "topk_index", "topk_logit", "log_partition")
-_ROW_FIELDS = tuple(TeacherRows.__dataclass_fields__)
+# ---- cached teacher views, by sample id ----------------------------------------------------------
 
 
 class ShardRows:
-    """Teacher rows read a whole shard at a time, keeping the last few shards (the unlabeled stream)."""
+    """Cached views read a whole shard at a time, keeping the last few shards (the unlabeled stream)."""
 
-    def __init__(self, cache: TeacherCache, table: SampleTable, temperature: float, keep: int = SHARDS_PER_GROUP + 1):
-        self.cache, self.table, self.keep = cache, table, keep
-        self.column = temperature_column(cache, temperature)
-        self._shards: OrderedDict[int, TeacherRows] = OrderedDict()
+    def __init__(self, reader: CacheReader, table: SampleTable, keep: int = SHARDS_PER_GROUP + 1):
+        self.reader, self.table, self.keep = reader, table, keep
+        self._shards: OrderedDict[int, CachedViews] = OrderedDict()
 
-    def _shard(self, shard: int) -> TeacherRows:
+    def _shard(self, shard: int) -> CachedViews:
         if shard in self._shards:
             self._shards.move_to_end(shard)
             return self._shards[shard]
-        arrays = self.cache.read_shard(shard, _ROW_ARRAYS)
-        if list(arrays["key"]) != self.table.keys[shard]:
-            raise UserError(f"cache {self.cache.path}: shard {self.table.shard_names[shard]} keys differ from the manifest")
-        rows = _rows_from(arrays, self.column)
-        self._shards[shard] = rows
+        views = self.reader.read(shard)
+        self._shards[shard] = views
         while len(self._shards) > self.keep:
             self._shards.popitem(last=False)
-        return rows
+        return views
 
-    def get(self, ids: np.ndarray) -> TeacherRows:
-        picked = [(self._shard(int(self.table.shard[i])), int(self.table.position[i])) for i in ids]
-        return TeacherRows(*(np.stack([getattr(rows, f)[p] for rows, p in picked]) for f in _ROW_FIELDS))
+    def get(self, ids: np.ndarray) -> CachedViews:
+        shards, positions = self.table.shard[ids], self.table.position[ids]
+        parts, rows = [], []
+        for shard in dict.fromkeys(shards.tolist()):  # each shard read once per batch, in order of appearance
+            inside = np.flatnonzero(shards == shard)
+            parts.append(self._shard(shard).take(positions[inside]))
+            rows.append(inside)
+        return CachedViews.concatenate(parts).take(np.argsort(np.concatenate(rows)))
 
 
 class PreloadedRows:
-    """Teacher rows of a fixed, small set of samples (the labeled set), read once at start."""
+    """Cached views of a fixed, small set of samples (the labeled set), read once at start."""
 
-    def __init__(self, cache: TeacherCache, table: SampleTable, ids: np.ndarray, temperature: float):
-        column = temperature_column(cache, temperature)
-        gathered: dict[str, list] = {name: [] for name in _ROW_ARRAYS}
-        order = []
+    def __init__(self, reader: CacheReader, table: SampleTable, ids: np.ndarray):
+        parts, order = [], []
         for shard in np.unique(table.shard[ids]):
             in_shard = ids[table.shard[ids] == shard]
-            positions = table.position[in_shard]
-            group = cache.open_shard_arrays(int(shard))
-            for name in _ROW_ARRAYS:
-                gathered[name].append(group[name].oindex[positions])
-            if list(gathered["key"][-1]) != [table.keys[shard][p] for p in positions]:
-                raise UserError(f"cache {cache.path}: shard {table.shard_names[shard]} keys differ from the manifest")
+            parts.append(reader.read(int(shard), table.position[in_shard]))
             order.extend(int(i) for i in in_shard)
         self.index = {sample_id: n for n, sample_id in enumerate(order)}
-        arrays = {name: np.concatenate(parts) for name, parts in gathered.items()}
-        self.rows = _rows_from(arrays, column)
+        self.views = CachedViews.concatenate(parts)
 
-    def get(self, ids: np.ndarray) -> TeacherRows:
-        where = [self.index[int(i)] for i in ids]
-        return TeacherRows(*(getattr(self.rows, f)[where] for f in _ROW_FIELDS))
+    def get(self, ids: np.ndarray) -> CachedViews:
+        return self.views.take([self.index[int(i)] for i in ids])
 
 
 # ---- the dataset -----------------------------------------------------------------------------------
@@ -303,7 +261,7 @@ class StudentBatches(IterableDataset):
             index += workers
 
     def _views(self, sample_ids, epochs, images):
-        """(boxes [n, 4], flips [n]) of the view each sample shows, and its teacher targets."""
+        """(boxes [n, 4], flips [n]) of the view each sample shows, and its cached teacher targets (or None)."""
         n = len(sample_ids)
         if self.online_views is not None:  # view 1 + stream epoch, drawn as stage one draws views
             drawn = [
@@ -314,18 +272,12 @@ class StudentBatches(IterableDataset):
             return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn]), None
         if self.rows is None:
             return np.stack([center_box(*image.size) for image in images]), np.zeros(n, bool), None
-        rows = self.rows.get(sample_ids)
         views = np.array([
             (epoch + _view_offset(self.table.shard_names[self.table.shard[i]], self.table.key(i))) % self.num_views
             for i, epoch in zip(sample_ids, epochs)
         ])
-        pick = np.arange(n), views
-        target = {
-            "topk_index": torch.from_numpy(rows.topk_index[pick].astype(np.int64)),
-            "topk_logit": torch.from_numpy(rows.topk_logit[pick].astype(np.float32)),
-            "log_partition": torch.from_numpy(rows.log_partition[pick].astype(np.float32)),
-        }
-        return rows.boxes[pick], rows.flips[pick], target
+        targets = self.rows.get(sample_ids).pick(views)
+        return targets.boxes.numpy().astype(np.uint16), targets.flips.numpy(), targets
 
     def _batch(self, reader: _ImageReader, index: int) -> dict:
         sample_ids, epochs = self.stream.batch(index)
@@ -340,10 +292,13 @@ class StudentBatches(IterableDataset):
                     f"shard {self.table.shard_names[self.table.shard[sample_id]]}, key {self.table.key(sample_id)!r}: "
                     f"cannot decode the image ({describe_decode_error(error)})"
                 ) from None
-        boxes, flips, target = self._views(sample_ids, epochs, images)
+        boxes, flips, targets = self._views(sample_ids, epochs, images)
         batch = {
             "ids": torch.from_numpy(sample_ids),
+            "keys": tuple(self.table.key(int(i)) for i in sample_ids),
             "labels": torch.from_numpy(self.table.label[sample_ids]),
+            "boxes": torch.from_numpy(boxes.astype(np.int32)),
+            "flips": torch.from_numpy(np.asarray(flips, bool)),
             "pixels": torch.from_numpy(np.stack([
                 render_view(image, box, bool(flip), self.image_size) for image, box, flip in zip(images, boxes, flips)
             ])),
@@ -352,6 +307,6 @@ class StudentBatches(IterableDataset):
             batch[f"pixels_{size[0]}"] = torch.from_numpy(np.stack([
                 render_view(image, box, bool(flip), size) for image, box, flip in zip(images, boxes, flips)
             ]))
-        if target is not None:
-            batch.update(target)
+        if targets is not None:
+            batch["teacher"] = targets
         return batch

@@ -11,8 +11,12 @@ the top-k, `1 - sum_i exp(z_i / T - logZ_T)`: nothing is renormalised onto the t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from .clip_models import Preprocess
 
 LOGIT_SCALE = 100.0
 
@@ -74,3 +78,27 @@ def summarize_logits(logits: torch.Tensor, k: int, temperatures: list[float]):
     values, indices = logits.topk(k, dim=-1, sorted=True)
     log_partition = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
     return indices, values, log_partition
+
+
+@dataclass
+class LoadedTeacher:
+    """A zero-shot teacher ready to run, with what a cache records about it."""
+
+    runner: TeacherRunner
+    preprocess: Preprocess  # its input size and how an image is brought to it
+    description: dict  # {"model", "pretrained", "weights_fingerprint"}
+
+
+def load_zero_shot_teacher(model: str, pretrained: str, classnames: list[str], templates: list[str], *,
+                           device, dtype: torch.dtype = torch.float32, compile: bool = False,
+                           batch_size: int | None = None, resize: str | None = None) -> LoadedTeacher:
+    """An open_clip model as a zero-shot classifier on `device`: its image tower plus the class embeddings
+    of `classnames` x `templates` (normalised per template, averaged, renormalised). The text tower is
+    dropped once the embeddings exist. Used by cache-teacher and by train's online-teacher mode alike."""
+    from .clip_models import class_text_embeddings, load_clip
+
+    loaded = load_clip(model, pretrained, resize=resize)
+    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
+    runner = TeacherRunner(ZeroShotTeacher(loaded.model.visual, embeddings).to(device), dtype=dtype,
+                           compile=compile, batch_size=batch_size)
+    return LoadedTeacher(runner=runner, preprocess=loaded.preprocess, description=loaded.describe())

@@ -85,9 +85,8 @@ class _ShardProgress:
 
 def run(config: Config) -> dict:
     from dho_pipeline.cache_store import CacheSpec, TeacherCache, exclusive_writer
-    from dho_pipeline.clip_models import class_text_embeddings, load_clip
     from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.teacher import LOGIT_SCALE, TeacherRunner, ZeroShotTeacher
+    from dho_pipeline.teacher import LOGIT_SCALE, load_zero_shot_teacher
     from dho_pipeline.prompts import read_classnames, read_templates
     from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
 
@@ -114,15 +113,12 @@ def run(config: Config) -> dict:
 
         # ---- teacher ----------------------------------------------------------------------------
         started = time.perf_counter()
-        loaded = load_clip(config.teacher, config.pretrained, resize=config.resize)
-        class_embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
         compiled = resolve_compile(config.compile, device)
-        teacher = TeacherRunner(
-            ZeroShotTeacher(loaded.model.visual, class_embeddings).to(device),
-            dtype=precision_dtype(precision), compile=compiled, batch_size=_views_per_batch(config),
+        loaded = load_zero_shot_teacher(
+            config.teacher, config.pretrained, classnames, templates, device=device, dtype=precision_dtype(precision),
+            compile=compiled, batch_size=_views_per_batch(config), resize=config.resize,
         )
-        preprocess = loaded.preprocess
-        del loaded.model  # the text tower is not needed any more
+        teacher, preprocess = loaded.runner, loaded.preprocess
         if state.is_main_process:
             log.info("teacher %s ready on %s (%s%s) in %.1fs", config.teacher, device, precision,
                      ", compiled on its first batch" if compiled else "", time.perf_counter() - started)
@@ -134,7 +130,7 @@ def run(config: Config) -> dict:
             crop_scale=tuple(config.crop_scale),
         )
         spec = CacheSpec(
-            teacher=loaded.describe(),
+            teacher=loaded.description,
             classnames=classnames,
             templates=templates,
             preprocess=preprocess.to_json(),

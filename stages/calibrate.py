@@ -57,7 +57,7 @@ def _calibration_ids(config: Config, manifest):
 
 def _check_overlap(config: Config, loaded, manifest, ids) -> int:
     """How many calibration images were training labeled images; refuse any unless allowed."""
-    labeled = set((loaded.checkpoint.get("dho_pipeline") or {}).get("labeled_keys") or [])
+    labeled = loaded.checkpoint.labeled_keys
     keys = [key for shard in manifest.shards for key in shard.keys]
     overlap = [keys[i] for i in ids if keys[i] in labeled]
     if overlap and not config.allow_overlap:
@@ -69,17 +69,14 @@ def _check_overlap(config: Config, loaded, manifest, ids) -> int:
 
 
 def run(config: Config) -> dict:
-    from dho_pipeline.checkpoints import save_release_checkpoint, strip_module_prefix
     from dho_pipeline.evaluation import (
         ALPHA_GRID, BETA_GRID, best_point, finish_statistics, grid_correct, refinement_grid, student_logits_on,
         sufficient_statistics,
     )
     from dho_pipeline.hashing import fingerprint_json
-
-    from .common import autocast
     from dho_pipeline.jsonfiles import write_text_atomically
 
-    from .common import reduce_sum
+    from .common import autocast, reduce_sum
     from .evaluate import load_inputs
 
     loaded, manifest, state, device, precision = load_inputs(config)
@@ -113,13 +110,8 @@ def run(config: Config) -> dict:
         "fine_grid": {"alphas": fine_alphas, "betas": fine_betas, "accuracy": (fine / max(1, total)).tolist()},
     }
     if state.is_main_process:
-        checkpoint = loaded.checkpoint
-        meta = dict(checkpoint.get("dho_pipeline") or {})
-        meta["calibrated_on"] = calibrated_on
-        save_release_checkpoint(
-            config.out, strip_module_prefix(checkpoint["model_state_dict"]), epoch=checkpoint.get("epoch", 0),
-            acc=correct / max(1, total), alpha=alpha, beta=beta, metadata=meta,
-        )
+        loaded.checkpoint.calibrated(alpha=alpha, beta=beta, acc=correct / max(1, total),
+                                     calibrated_on=calibrated_on).save(config.out)
         out = Path(config.out)
         write_text_atomically(out.with_name(out.name + ".calibration.json"), json.dumps(report, indent=2) + "\n")
         save_heatmap(report, out.with_name(out.name + ".calibration.png"))

@@ -1,16 +1,13 @@
 """Stage two: train a dual-head CLIP student against a teacher cache (DHO, arXiv 2505.07675).
 
     dho-pipeline train --cache C.zarr --manifest M.json --split S.json --out runs/b16-1pct
-    torchrun --nproc_per_node 8 --no-python dho-pipeline train --config manifests/recipes/vit-b16-1pct.toml ...
+    torchrun --nproc_per_node 8 --no-python dho-pipeline train --config vit-b16-1pct ...
 
 The teacher is never loaded: its outputs come from the cache, per view. Each optimiser step takes
 `batch_size` labeled and `batch_size` unlabeled samples (global, over all processes and accumulation
-micro-steps); an epoch is one pass over the unlabeled set, the labeled stream cycles. Losses (DHO):
-CE(ce_head(x_l), y) + KD(kd_head(x_l)) + KD(kd_head(x_u)), KD = KL(teacher_T || student_T) * T^2.
-
-Learning rate: linear warm-up from 0 to `lr` over the warm-up steps, then cosine to 0 over the rest.
-(The reference multiplies the two schedules, so its cosine already decays during warm-up; ours starts
-after it.) The warm-up is capped at a tenth of the run, so short runs are not all warm-up.
+micro-steps); an epoch is one pass over the unlabeled set, the labeled stream cycles. The losses are
+the library's (dho_pipeline.objectives): for DHO, CE(ce_head(x_l), y) + KD(kd_head(x_l)) + KD(kd_head(x_u)).
+The learning rate follows dho_pipeline.schedule.warmup_cosine.
 
 Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/`, `checkpoints/step-N/`
 (resumable state, written whole or not at all), and `student.pt` in the released checkpoint format.
@@ -19,7 +16,6 @@ Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/`, `
 from __future__ import annotations
 
 import json
-import math
 import time
 import tomllib
 from contextlib import nullcontext
@@ -29,46 +25,53 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from .common import PRECISIONS, append_jsonl, log, reduce_sum
+from .options import FloatList, setting
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    cache: Path | None  # the teacher cache; None only with teacher_online
-    manifest: Path
-    split: Path
-    out: Path
-    student: str = "ViT-B-16-quickgelu"  # open_clip name or model-config JSON
-    pretrained: str = "openai"  # open_clip tag, local weights file, or "none"
-    objective: str = "dho"  # dho | single-head | ce | kd
-    tail: str = "bucket"  # teacher mass outside the cached top-k: "bucket" or "uniform"
-    temperature: float = 2.0  # KD temperature; the cache must hold it (or every logit)
-    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # CE, KD labeled, KD unlabeled
-    epochs: int = 32  # passes over the unlabeled set
-    batch_size: int = 256  # per optimiser step, global, for each of the labeled and unlabeled parts
-    lr: float = 5e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 5000  # capped at a tenth of the run
-    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
-    compile: bool | None = None  # torch.compile the student's training step (and an online teacher); default: on GPUs
-    grad_accum: int = 1  # micro-steps per optimiser step
-    workers: int = 4  # DataLoader processes per stream and rank
-    seed: int = 0  # data order, views per epoch
-    resume: bool = False  # continue the run in `out` from its newest complete checkpoint
-    eval_data: Path | None = None  # a manifest to evaluate on after each epoch (logged, never used to pick)
-    eval_batch_size: int = 256  # per process
-    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0: at each epoch end
-    keep_checkpoints: int = 2
-    log_every: int = 10  # optimiser steps between metrics lines
-    max_steps: int | None = None  # stop after this many optimiser steps (the schedule still spans all epochs)
-    device: str | None = None
-    classnames: Path | None = None  # with a cache: must equal its class list (a guard); online: the classes
-    templates: Path | None = None  # online teacher only: prompt templates (default: the paper's 7)
-    teacher_online: bool = False  # run the teacher in the loop on each view (the reference's way), no cache
-    teacher: str | None = None  # online teacher: open_clip name or config JSON
-    teacher_pretrained: str | None = None  # online teacher: tag, weights file or "none"
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # online teacher: RandomResizedCrop area range of the views
+    cache: Path | None = setting(None, help="Teacher cache (from cache-teacher); not needed with --teacher-online.")
+    manifest: Path = setting(help="Manifest the cache was built from.")
+    split: Path = setting(help="Label split (from split).")
+    out: Path = setting(help="Run directory.")
+    student: str = setting("ViT-B-16-quickgelu", help="open_clip model name or model-config JSON.")
+    pretrained: str = setting("openai", help="open_clip tag, local weights file, or 'none'.")
+    objective: str = setting("dho", choices=OBJECTIVES, help="What the student learns from (dho_pipeline.objectives).")
+    tail: str = setting("bucket", choices=("bucket", "uniform"), help="Teacher mass outside the cached top-k.")
+    temperature: float = setting(2.0, help="KD temperature; the cache must hold it (or every logit).")
+    loss_weights: tuple[float, float, float] = setting(
+        (1.0, 1.0, 1.0), help="Weights of CE on labeled, KD on labeled, KD on unlabeled.")
+    epochs: int = setting(32, help="Passes over the unlabeled set.")
+    batch_size: int = setting(256, help="Labeled (and as many unlabeled) samples per optimiser step, global.")
+    lr: float = setting(5e-5, help="Peak learning rate (AdamW).")
+    weight_decay: float = setting(0.05, help="AdamW weight decay.")
+    warmup_steps: int = setting(5000, help="Linear warm-up steps, capped at a tenth of the run.")
+    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
+                                    help="Autocast precision of the training step.")
+    compile: bool | None = setting(None, default_text="on GPUs",
+                                   help="torch.compile the training step (and an online teacher).")
+    grad_accum: int = setting(1, help="Micro-steps per optimiser step.")
+    workers: int = setting(4, help="Data-loading processes per stream and process.")
+    seed: int = setting(0, help="Seed of the data order and of the view each sample shows per epoch.")
+    resume: bool = setting(False, help="Continue the run in --out from its newest complete checkpoint.")
+    eval_data: Path | None = setting(None, help="Manifest to evaluate on after each epoch (logged, never used to pick).")
+    eval_batch_size: int = setting(256, help="Evaluation images per batch and process.")
+    checkpoint_every: int = setting(0, help="Steps between checkpoints; 0: at each epoch end.")
+    keep_checkpoints: int = setting(2, help="Complete checkpoints kept (older ones are pruned).")
+    log_every: int = setting(10, help="Steps between metrics lines.")
+    max_steps: int | None = setting(None, help="Stop after this many steps (the schedule still spans all epochs).")
+    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device, e.g. cuda, cpu.")
+    classnames: Path | None = setting(
+        None, help="With a cache: refuse unless it was built for these class names. Online: the classes.")
+    templates: Path | None = setting(None, default_text="the paper's 7 ImageNet templates",
+                                     help="Online teacher: prompt templates, one per line with {}.")
+    teacher_online: bool = setting(False, help="Run the teacher on each view in the loop (the reference's way), no cache.")
+    teacher: str | None = setting(None, help="Online teacher: open_clip model name or config JSON.")
+    teacher_pretrained: str | None = setting(None, help="Online teacher: open_clip tag, weights file or 'none'.")
+    crop_scale: tuple[float, float] = setting((0.5, 1.0), type=FloatList(),
+                                              help="Online teacher: RandomResizedCrop area range of the views.")
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -89,6 +92,11 @@ class Config:
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
 
+    def objective_spec(self):
+        from dho_pipeline.objectives import Objective
+
+        return Objective(self.objective, tuple(self.loss_weights), self.temperature, self.tail)
+
 
 # Settings that shape the training trajectory: a resumed run must not change them.
 _TRAJECTORY = ("student", "pretrained", "objective", "tail", "temperature", "loss_weights", "epochs",
@@ -97,11 +105,18 @@ _TRAJECTORY = ("student", "pretrained", "objective", "tail", "temperature", "los
 
 
 def load_recipe(path: Path) -> dict:
-    """A recipe: a TOML file of Config fields (paths relative to the working directory)."""
+    """A recipe: a TOML file of Config fields (paths relative to the working directory), given as a path or
+    as the name of a recipe that ships with the package (`vit-b16-1pct`, see manifests/recipes/)."""
+    from dho_pipeline.package_data import RECIPES
+
+    path = Path(path)
+    if not path.exists() and (RECIPES / f"{path.name}.toml").is_file():
+        path = RECIPES / f"{path.name}.toml"
     try:
-        recipe = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        recipe = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"recipe {path} does not exist") from None
+        shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
+        raise UserError(f"recipe {path} does not exist (recipes that ship with dho-pipeline: {shipped})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"recipe {path} is not valid TOML ({error})") from None
     known = {f.name for f in fields(Config)}
@@ -116,14 +131,6 @@ def load_recipe(path: Path) -> dict:
     if "loss_weights" in recipe:
         recipe["loss_weights"] = tuple(float(w) for w in recipe["loss_weights"])
     return recipe
-
-
-def lr_at(step: int, config: Config, total_steps: int) -> float:
-    warmup = min(config.warmup_steps, max(1, total_steps // 10))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _micro_batch(config: Config, world: int) -> int:
@@ -149,51 +156,40 @@ class _Plan:
 
 
 def _check_inputs(config: Config):
-    """Everything that can be refused is refused here, before the student is built."""
-    from dho_pipeline.cache_store import TeacherCache
+    """Everything that can be refused is refused here, before the student is built.
+
+    Returns the manifest, the cache reader (None with an online teacher), the split, class names, templates.
+    """
+    from dho_pipeline.cache_reader import CacheReader
     from dho_pipeline.manifest import load_manifest
+    from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+    from dho_pipeline.prompts import read_classnames, read_templates
     from dho_pipeline.split import load_split
-    from dho_pipeline.prompts import read_classnames
-    from dho_pipeline.student_data import temperature_column
 
     manifest = load_manifest(config.manifest)
     split = load_split(config.split)
     if config.teacher_online:
-        from dho_pipeline.prompts import read_templates
-
-        from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
-
         classnames = read_classnames(config.classnames or IMAGENET_CLASSNAMES)
         templates = read_templates(config.templates or IMAGENET_TEMPLATES)
         split.check_manifest(manifest, where=f"split {config.split}")
-        manifest.check_files()
-        manifest.check_labels(len(classnames))
-        return manifest, None, split, classnames, templates
-    cache = TeacherCache.open(config.cache)
-    if cache.spec.manifest_fingerprint != manifest.fingerprint:
-        raise UserError(f"cache {config.cache} was built from another manifest than {config.manifest}; use its own manifest")
-    split.check_manifest(manifest, where=f"split {config.split}")
-    incomplete = cache.incomplete_shards()
-    if incomplete:
-        names = ", ".join(cache.spec.shards[i]["name"] for i in incomplete[:3])
-        raise UserError(
-            f"cache {config.cache} is missing {len(incomplete)} shard(s) ({names}{' ...' if len(incomplete) > 3 else ''}); "
-            "rerun cache-teacher to finish it"
-        )
-    if config.objective != "ce":
-        temperature_column(cache, config.temperature)
-    if config.classnames is not None and read_classnames(config.classnames) != cache.spec.classnames:
-        raise UserError(
-            f"cache {config.cache} was built for another class list than {config.classnames}; "
-            "use a cache built with these class names"
-        )
+        reader = None
+    else:
+        # The CE-only baseline reads no teacher targets (it shows the same cached views), so any T will do.
+        temperature = config.temperature if config.objective_spec().needs_teacher else None
+        classnames = read_classnames(config.classnames) if config.classnames is not None else None
+        reader = CacheReader.open(config.cache, manifest, temperature, classnames=classnames,
+                                  classnames_source=str(config.classnames))
+        split.check_manifest(manifest, where=f"split {config.split}")
+        classnames, templates = reader.spec.classnames, reader.spec.templates
     manifest.check_files()
-    manifest.check_labels(cache.spec.num_classes)
-    return manifest, cache, split, cache.spec.classnames, cache.spec.templates
+    manifest.check_labels(len(classnames))
+    return manifest, reader, split, classnames, templates
 
 
-def _streams(config, manifest, cache, split, state, micro_batch, student_size, positions, teacher_size=None):
-    """DataLoaders for the labeled and unlabeled streams, starting at the saved positions."""
+def _streams(config, manifest, reader, split, state, micro_batch, student_size, positions, online_views=None,
+             teacher_size=None):
+    """DataLoaders of the labeled and unlabeled streams from the saved positions; the sample counts; the
+    table of samples and the labeled ids."""
     import numpy as np
     import torch
 
@@ -203,12 +199,7 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
 
     table = SampleTable.from_manifest(manifest)
     # Samples stage one could not decode (--on-error skip) have no teacher targets: skip and count them.
-    usable = np.ones(len(table.shard), bool)
-    first_id = np.cumsum([0] + [s.num_samples for s in manifest.shards])
-    for index, shard in enumerate(manifest.shards if cache is not None else []):
-        missing = {m["key"] for m in (cache.shard_attrs(index) or {}).get("missing", [])}
-        for position in (p for p, key in enumerate(shard.keys) if key in missing):
-            usable[first_id[index] + position] = False
+    usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
     labeled = table.ids_of(split.labeled_mask(manifest))
     unlabeled = table.ids_of(split.unlabeled_mask(manifest))
     counts = {"labeled": int(usable[labeled].sum()), "unlabeled": int(usable[unlabeled].sum()),
@@ -218,48 +209,24 @@ def _streams(config, manifest, cache, split, state, micro_batch, student_size, p
         raise UserError(f"split {config.split} has no labeled samples that the cache holds")
 
     rank, world = state.process_index, state.num_processes
-    if cache is None:  # online teacher: a fresh random view per sample and epoch, rendered for both models
-        return _online_streams(config, table, labeled, unlabeled, rank, world, micro_batch, student_size,
-                               teacher_size, positions), counts, table, labeled
-    num_views = cache.spec.num_views
 
-    def loader(stream, rows, first):
-        dataset = StudentBatches(table, stream, student_size, rows=rows, num_views=num_views, first_batch=first)
+    def loader(ids_order, first, rows=None):
+        dataset = StudentBatches(
+            table, IdStream(ids_order, micro_batch), student_size, rows=rows,
+            num_views=reader.num_views if reader else 1, first_batch=first, online_views=online_views,
+            extra_sizes=(teacher_size,) if teacher_size else (),
+        )
         return torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=config.workers, pin_memory=state.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if config.workers else None,
         )
 
-    # The CE-only baseline reads no teacher targets, but shows the same cached views as the others.
-    temperature = config.temperature if config.objective != "ce" else cache.spec.temperatures[0]
-    labeled_stream = IdStream(labeled_order(labeled, config.seed, rank, world), micro_batch)
-    streams = {"labeled": loader(labeled_stream, PreloadedRows(cache, table, labeled, temperature), positions["labeled"])}
-    if config.objective != "ce":
-        unlabeled_stream = IdStream(unlabeled_order(table, unlabeled, config.seed, rank, world), micro_batch)
-        streams["unlabeled"] = loader(unlabeled_stream, ShardRows(cache, table, temperature), positions["unlabeled"])
+    streams = {"labeled": loader(labeled_order(labeled, config.seed, rank, world), positions["labeled"],
+                                 PreloadedRows(reader, table, labeled) if reader else None)}
+    if config.objective_spec().needs_teacher:
+        streams["unlabeled"] = loader(unlabeled_order(table, unlabeled, config.seed, rank, world),
+                                      positions["unlabeled"], ShardRows(reader, table) if reader else None)
     return streams, counts, table, labeled
-
-
-def _online_streams(config, table, labeled, unlabeled, rank, world, micro_batch, student_size, teacher_size, positions):
-    import torch
-
-    from dho_pipeline.student_data import IdStream, StudentBatches, labeled_order, unlabeled_order
-    from dho_pipeline.views import VIEW0_WHOLE, ViewPolicy
-
-    # Views 1, 2, 3, ... at stream epochs 0, 1, 2, ...: RandomResizedCrop + flip, as stage one draws them.
-    policy = ViewPolicy(num_views=2**31 - 1, seed=config.seed, view0=VIEW0_WHOLE, crop_scale=tuple(config.crop_scale))
-
-    def loader(stream, first):
-        dataset = StudentBatches(table, stream, student_size, first_batch=first, extra_sizes=(teacher_size,),
-                                 online_views=policy)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.workers,
-                                           persistent_workers=False, prefetch_factor=4 if config.workers else None)
-
-    return {
-        "labeled": loader(IdStream(labeled_order(labeled, config.seed, rank, world), micro_batch), positions["labeled"]),
-        "unlabeled": loader(IdStream(unlabeled_order(table, unlabeled, config.seed, rank, world), micro_batch),
-                            positions["unlabeled"]),
-    }
 
 
 def run(config: Config) -> dict:
@@ -268,18 +235,17 @@ def run(config: Config) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from tqdm import tqdm
 
-    from dho_pipeline.checkpoints import (
-        complete_training_states, load_checkpoint_file, remove_partial_training_states, save_release_checkpoint,
-        save_training_state,
-    )
+    from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline.clip_models import load_clip
     from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.schedule import warmup_cosine
     from dho_pipeline.student import build_student
 
     from .common import process_state, resolve_compile, resolve_precision
 
     # ---- setup: inputs checked, run directory claimed --------------------------------------------
-    manifest, cache, split, classnames, templates = _check_inputs(config)
+    manifest, reader, split, classnames, templates = _check_inputs(config)
+    objective = config.objective_spec()
     out = Path(config.out)
     state = process_state(config.device)
     precision = resolve_precision(config.precision, state.device)
@@ -310,8 +276,7 @@ def run(config: Config) -> dict:
     loaded = load_clip(config.student, config.pretrained)
     student = build_student(loaded, classnames, templates, device=device)
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
-    student_size = loaded.preprocess.image_size
-    preprocess = loaded.preprocess.to_json()
+    student_preprocess = loaded.preprocess
     del loaded
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -336,12 +301,12 @@ def run(config: Config) -> dict:
     teacher = _online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
         if config.teacher_online else None
     streams, counts, table, labeled_ids = _streams(
-        config, manifest, cache, split, accelerator.state, micro_batch, student_size, positions,
-        teacher_size=teacher["size"] if teacher else None,
+        config, manifest, reader, split, accelerator.state, micro_batch, student_preprocess.image_size, positions,
+        online_views=teacher["views"] if teacher else None, teacher_size=teacher["size"] if teacher else None,
     )
     plan = _Plan.of(config, counts["unlabeled"])
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
-    evaluation = _evaluator(config, accelerator, student, normalize, student_size, classnames)
+    evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess.image_size, classnames)
     if accelerator.is_main_process:
         log.info(
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
@@ -360,7 +325,7 @@ def run(config: Config) -> dict:
                dynamic_ncols=True)
     with bar:  # closed (and its line ended) on the way out, errors included
         while step < last_step:
-            lr = lr_at(step, config, plan.total_steps)
+            lr = warmup_cosine(step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             student.train()
@@ -370,11 +335,11 @@ def run(config: Config) -> dict:
                 window["data"] += time.perf_counter() - fetch_started
                 for name in positions:
                     positions[name] += name in batches
-                sync = micro == config.grad_accum - 1
                 if teacher is not None:
-                    _add_teacher_logits(teacher, batches)
+                    _add_online_targets(teacher, batches, config.temperature)
+                sync = micro == config.grad_accum - 1
                 with (nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
-                    losses = _losses(config, train_forward, batches, normalize)
+                    losses = _losses(objective, train_forward, batches, normalize)
                     loss = sum(losses.values()) / config.grad_accum
                 accelerator.backward(loss)
                 for name, value in losses.items():  # summed on the device: no sync per step
@@ -409,12 +374,7 @@ def run(config: Config) -> dict:
                     append_jsonl(metrics_path, {"step": step, "epoch": epoch, "eval": last_eval})
                 accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
             if epoch_end or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    payload = {"model": accelerator.unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
-                               "step": step, "positions": dict(positions), "epoch": epoch}
-                    save_training_state(out, step, payload, keep=config.keep_checkpoints)
-                accelerator.wait_for_everyone()
+                _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch)
 
     # ---- the released checkpoint ------------------------------------------------------------------
     finished = step >= plan.total_steps
@@ -422,19 +382,9 @@ def run(config: Config) -> dict:
     summary = {"steps": step, "total_steps": plan.total_steps, "finished": finished, "epoch": epoch,
                "eval": last_eval, **counts}
     if accelerator.is_main_process:
-        metadata = {
-            "format": "dho-pipeline-student", "version": 1,
-            "student": {"model": config.student, "pretrained": config.pretrained, "preprocess": preprocess},
-            "classnames": classnames, "templates": templates,
-            "config": config.to_json(), "cache_fingerprint": _cache_fingerprint(cache) if cache else None,
-            "manifest_fingerprint": manifest.fingerprint, "split_fingerprint": split.fingerprint,
-            "steps": step, "finished": finished, "calibrated_on": None,
-            # so that `calibrate` can refuse data the student was trained on
-            "labeled_keys": sorted(table.key(int(i)) for i in labeled_ids),
-        }
-        acc = last_eval["mix"] if last_eval else None
-        save_release_checkpoint(out / "student.pt", accelerator.unwrap_model(student).state_dict(),
-                                epoch=epoch, acc=acc, alpha=0.5, beta=0.5, metadata=metadata)
+        _student_checkpoint(config, accelerator.unwrap_model(student), student_preprocess, classnames, templates,
+                            reader, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
+                            ).save(out / "student.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions})
     accelerator.wait_for_everyone()
@@ -442,76 +392,78 @@ def run(config: Config) -> dict:
     return summary
 
 
-def _cache_fingerprint(cache) -> str:
-    from dho_pipeline.hashing import fingerprint_json
-
-    return fingerprint_json(cache.spec.to_attrs())
-
-
-def _losses(config: Config, student, batches: dict, normalize) -> dict:
+def _losses(objective, student, batches: dict, normalize) -> dict:
     """The objective's loss parts for one micro-batch; labeled and unlabeled go through one forward."""
     import torch
-    import torch.nn.functional as F
 
-    from dho_pipeline.kd import kd_full, kd_topk, log_partition_from_topk
+    labeled, unlabeled = batches["labeled"], batches.get("unlabeled")
+    parts = [labeled] + ([unlabeled] if unlabeled is not None else [])
+    ce_logits, kd_logits = student(torch.cat([normalize(b["pixels"]) for b in parts]))
+    return objective.losses(ce_logits, kd_logits, labeled["labels"], labeled.get("teacher"),
+                            unlabeled.get("teacher") if unlabeled is not None else None)
 
-    w_ce, w_kl, w_ku = config.loss_weights
-    labeled = batches["labeled"]
-    parts = [labeled] + ([batches["unlabeled"]] if "unlabeled" in batches else [])
-    pixels = torch.cat([normalize(b["pixels"]) for b in parts])
-    ce_logits, kd_logits = student(pixels)
-    n = len(labeled["labels"])
-    labels = labeled["labels"].to(pixels.device)
 
-    def kd(logits, batch):
-        if "teacher_logits" in batch:  # online teacher: its full logits
-            return kd_full(logits, batch["teacher_logits"], config.temperature)
-        device = logits.device
-        log_partition = batch["log_partition"].to(device)
-        topk_logit = batch["topk_logit"].to(device)
-        if torch.isnan(log_partition).any():  # a full-logit cache without this T
-            log_partition = log_partition_from_topk(topk_logit, config.temperature)
-        return kd_topk(logits, batch["topk_index"].to(device), topk_logit, log_partition, config.temperature, config.tail)
+def _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch) -> None:
+    from dho_pipeline.checkpoints import save_training_state
 
-    losses = {}
-    if config.objective in ("dho", "single-head", "ce"):
-        losses["ce_labeled"] = w_ce * F.cross_entropy(ce_logits[:n].float(), labels)
-    if config.objective in ("dho", "kd"):
-        losses["kd_labeled"] = w_kl * kd(kd_logits[:n], labeled)
-        losses["kd_unlabeled"] = w_ku * kd(kd_logits[n:], batches["unlabeled"])
-    if config.objective == "single-head":  # one head (the CE head) takes both losses
-        losses["kd_labeled"] = w_kl * kd(ce_logits[:n], labeled)
-        losses["kd_unlabeled"] = w_ku * kd(ce_logits[n:], batches["unlabeled"])
-    return losses
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        payload = {"model": accelerator.unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
+                   "step": step, "positions": dict(positions), "epoch": epoch}
+        save_training_state(out, step, payload, keep=config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _student_checkpoint(config, student, preprocess, classnames, templates, reader, manifest, split, table,
+                        labeled_ids, step, finished, epoch, last_eval):
+    """student.pt: the released format, with what this run was (architecture, data, fingerprints)."""
+    from dho_pipeline.hashing import fingerprint_json
+    from dho_pipeline.student_checkpoint import PAPER_ALPHA_BETA, StudentCheckpoint, StudentMetadata
+
+    metadata = StudentMetadata(
+        model=config.student, pretrained=config.pretrained, preprocess=preprocess, classnames=list(classnames),
+        templates=list(templates), config=config.to_json(),
+        cache_fingerprint=fingerprint_json(reader.spec.to_attrs()) if reader else None,
+        manifest_fingerprint=manifest.fingerprint, split_fingerprint=split.fingerprint, steps=step, finished=finished,
+        labeled_keys=sorted(table.key(int(i)) for i in labeled_ids),
+    )
+    alpha, beta = PAPER_ALPHA_BETA
+    return StudentCheckpoint(state_dict=student.state_dict(), epoch=epoch, acc=last_eval["mix"] if last_eval else None,
+                             alpha=alpha, beta=beta, metadata=metadata)
 
 
 def _online_teacher(config: Config, classnames, templates, device, precision, compiled, batch_size) -> dict:
-    """The zero-shot teacher, for --teacher-online: built and run exactly as cache-teacher runs it."""
-    from dho_pipeline.clip_models import class_text_embeddings, load_clip
+    """The zero-shot teacher for --teacher-online, built and run exactly as cache-teacher runs it, and the
+    views it sees: view 1 + stream epoch, a RandomResizedCrop + flip drawn as stage one draws views."""
     from dho_pipeline.pixels import Normalizer
-    from dho_pipeline.teacher import TeacherRunner, ZeroShotTeacher
+    from dho_pipeline.teacher import load_zero_shot_teacher
+    from dho_pipeline.views import VIEW0_WHOLE, ViewPolicy
 
     from .common import precision_dtype
 
-    loaded = load_clip(config.teacher, config.teacher_pretrained)
-    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
-    model = TeacherRunner(ZeroShotTeacher(loaded.model.visual, embeddings).to(device),
-                          dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size)
-    return {"model": model, "size": loaded.preprocess.image_size,
+    loaded = load_zero_shot_teacher(config.teacher, config.teacher_pretrained, classnames, templates, device=device,
+                                    dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size)
+    views = ViewPolicy(num_views=2**31 - 1, seed=config.seed, view0=VIEW0_WHOLE, crop_scale=tuple(config.crop_scale))
+    return {"runner": loaded.runner, "size": loaded.preprocess.image_size, "views": views,
             "normalize": Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)}
 
 
-def _add_teacher_logits(teacher: dict, batches: dict) -> None:
+def _add_online_targets(teacher: dict, batches: dict, temperature: float) -> None:
+    from dho_pipeline.cache_reader import TeacherTargets
+
     key = f"pixels_{teacher['size'][0]}"
     for batch in batches.values():
         # clone: the runner's inference-mode logits become an ordinary tensor that the loss may save
-        batch["teacher_logits"] = teacher["model"](teacher["normalize"](batch[key])).clone()
+        logits = teacher["runner"](teacher["normalize"](batch[key])).clone()
+        batch["teacher"] = TeacherTargets.from_logits(logits, temperature, keys=batch["keys"], boxes=batch["boxes"],
+                                                      flips=batch["flips"])
 
 
-def _evaluator(config: Config, accelerator, student, normalize, student_size, cache_classnames):
+def _evaluator(config: Config, accelerator, student, normalize, student_size, classnames):
     """A function that evaluates on --eval-data (each sample once across ranks), or None."""
     if config.eval_data is None:
         return None
+    import numpy as np
     import torch
 
     from dho_pipeline.evaluation import collect_logits, finish_statistics, sufficient_statistics
@@ -521,10 +473,10 @@ def _evaluator(config: Config, accelerator, student, normalize, student_size, ca
     eval_manifest = load_manifest(config.eval_data)
     eval_manifest.check_files()
     table = SampleTable.from_manifest(eval_manifest)
-    num_classes = len(cache_classnames)
+    num_classes = len(classnames)
     if (table.label < 0).any() or (table.label >= num_classes).any():
         raise UserError(f"--eval-data {config.eval_data}: every sample needs a label in 0..{num_classes - 1}")
-    stream = FiniteIdStream(torch.arange(len(table.label)).numpy(), config.eval_batch_size,
+    stream = FiniteIdStream(np.arange(len(table.label)), config.eval_batch_size,
                             accelerator.process_index, accelerator.num_processes)
 
     def evaluate() -> dict:

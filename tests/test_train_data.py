@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import cached_dataset
 
-from dho_pipeline.cache_store import TeacherCache
+from dho_pipeline.cache_reader import CacheReader
 from dho_pipeline.manifest import load_manifest
 from dho_pipeline.split import load_split
 from dho_pipeline.student_data import (
@@ -20,7 +20,7 @@ def data(tmp_path_factory):
     cached_dataset(root, num_shards=5, per_shard=12, cache_options=("--views", "3"), split_options=("--percent", "20"))
     manifest, split = load_manifest(root / "manifest.json"), load_split(root / "s.json")
     table = SampleTable.from_manifest(manifest)
-    return {"root": root, "manifest": manifest, "table": table, "cache": TeacherCache.open(root / "c.zarr"),
+    return {"root": root, "manifest": manifest, "table": table, "cache": CacheReader.open(root / "c.zarr", manifest, 2.0),
             "labeled": table.ids_of(split.labeled_mask(manifest)), "unlabeled": table.ids_of(split.unlabeled_mask(manifest))}
 
 
@@ -29,10 +29,10 @@ def test_the_labeled_stream_reads_only_labeled_images(data, monkeypatch):
     original = _ImageReader.read
     monkeypatch.setattr(_ImageReader, "read", lambda self, i: (read.append(i), original(self, i))[1])
     stream = IdStream(labeled_order(data["labeled"], 0, 0, 1), 4)
-    rows = PreloadedRows(data["cache"], data["table"], data["labeled"], 2.0)
+    rows = PreloadedRows(data["cache"], data["table"], data["labeled"])
     batches = list(StudentBatches(data["table"], stream, (32, 32), rows=rows, num_views=3, num_batches=6))
     assert len(read) == 24 and set(read) <= set(data["labeled"].tolist())
-    assert all(b["pixels"].shape == (4, 32, 32, 3) and b["topk_index"].shape[0] == 4 for b in batches)
+    assert all(b["pixels"].shape == (4, 32, 32, 3) and b["teacher"].topk_index.shape[0] == 4 for b in batches)
 
 
 def test_streams_cover_every_sample_once_per_epoch_and_split_across_ranks(data):
@@ -59,12 +59,12 @@ def test_any_batch_is_reachable_directly_so_resuming_needs_no_replay(data):
 
 def test_views_cycle_through_the_cached_views(data):
     stream = IdStream(labeled_order(data["labeled"], 0, 0, 1), len(data["labeled"]))
-    rows = PreloadedRows(data["cache"], data["table"], data["labeled"], 2.0)
+    rows = PreloadedRows(data["cache"], data["table"], data["labeled"])
     dataset = StudentBatches(data["table"], stream, (32, 32), rows=rows, num_views=3)
     seen = {}
     for batch_index in range(3):  # three labeled epochs
         batch = dataset._batch(_ImageReader(data["table"]), batch_index)
-        for sample_id, top in zip(batch["ids"].tolist(), batch["topk_logit"][:, 0].tolist()):
+        for sample_id, top in zip(batch["ids"].tolist(), batch["teacher"].topk_logit[:, 0].tolist()):
             seen.setdefault(sample_id, []).append(top)
     # Over 3 epochs with 3 views each sample showed 3 different views (different teacher logits).
     assert all(len(set(tops)) == 3 for tops in seen.values())
