@@ -32,9 +32,9 @@ import torch
 from .errors import UserError
 from .hashing import weights_fingerprint
 from .jsonfiles import read_json
+from .views import RESIZE_MODES
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
-RESIZE_MODES = ("squash", "shortest")
 _NETWORK_PROBE_SECONDS = 5.0
 
 

@@ -28,6 +28,7 @@ BOX_SCALE = 65535  # stored box value = round(fraction * BOX_SCALE), as uint16
 VIEW0_WHOLE = "whole"
 VIEW0_CENTER_SQUARE = "center-square"
 RESIZE_TO_VIEW0 = {"squash": VIEW0_WHOLE, "shortest": VIEW0_CENTER_SQUARE}
+RESIZE_MODES = tuple(RESIZE_TO_VIEW0)  # how a model brings an image to its input size: squash, or shortest side + centre crop
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,9 +21,12 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.cache_store import COMPRESSIONS, DEFAULT_COMPRESSION
 from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+from dho_pipeline.views import RESIZE_MODES
 
 from .common import PRECISIONS, append_jsonl, log, on_main_then_share
+from .options import IntOrAll, setting
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
 DEFAULT_PRETRAINED = "dfn5b"
@@ -31,25 +34,31 @@ DEFAULT_PRETRAINED = "dfn5b"
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    manifest: Path
-    out: Path
-    teacher: str = DEFAULT_TEACHER  # open_clip model name, or an open_clip model-config JSON file
-    pretrained: str = DEFAULT_PRETRAINED  # open_clip tag, local weights file, or "none" (random, for tests)
-    classnames: Path = IMAGENET_CLASSNAMES  # one class name per line, in label order
-    templates: Path = IMAGENET_TEMPLATES  # one prompt template per line, with {} for the class name
-    views: int = 1  # views per image; view 0 is the teacher's own evaluation view
-    topk: int | None = 100  # logits kept per view; None (or k >= classes) keeps all (k = 100: BENCHMARKS.md, KD fidelity)
-    temperatures: tuple[float, ...] = (1.0, 2.0)  # log-partitions stored exactly at these
-    seed: int = 0  # seeds the views
-    batch_size: int = 256  # views per teacher forward pass
-    workers: int = 4  # DataLoader processes decoding images, per rank
-    device: str | None = None  # default: this rank's GPU if there is one, else CPU
-    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on GPU, fp32 on CPU
-    compile: bool | None = None  # torch.compile the teacher; default: on for GPUs, off on CPUs
-    resize: str | None = None  # override the teacher's resize mode: squash | shortest
-    on_error: str = "fail"  # an undecodable image: "fail" (name it and stop) or "skip" (record as missing)
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for views 1..V-1
-    compression: str = "blosc-zstd"  # none | zstd | blosc-zstd | blosc-lz4 (see BENCHMARKS.md)
+    manifest: Path = setting(help="Manifest of the shards (from `dho-pipeline manifest`).")
+    out: Path = setting(help="Teacher cache to write (a .zarr directory).")
+    teacher: str = setting(DEFAULT_TEACHER, help="open_clip model name, or an open_clip model-config JSON file.")
+    pretrained: str = setting(DEFAULT_PRETRAINED, help="open_clip tag, local weights file, or 'none' (random, for tests).")
+    classnames: Path = setting(IMAGENET_CLASSNAMES, default_text="ImageNet's 1000 CLIP class names",
+                               help="Class names, one per line, in label order.")
+    templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
+                              help="Prompt templates, one per line, with {} where the class name goes.")
+    views: int = setting(1, help="Views per image; view 0 is the teacher's own evaluation view.")
+    topk: int | None = setting(100, type=IntOrAll(),
+                               help="Logits kept per view, or 'all' (k = 100: BENCHMARKS.md, KD fidelity).")
+    temperatures: tuple[float, ...] = setting((1.0, 2.0), help="Temperatures whose log-partitions are stored exactly.")
+    seed: int = setting(0, help="Seed of the views.")
+    batch_size: int = setting(256, help="Views per teacher forward pass.")
+    workers: int = setting(4, help="Image-decoding processes per rank.")
+    device: str | None = setting(None, default_text="this rank's GPU, else cpu", help="Device, e.g. cuda, cuda:1, cpu.")
+    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
+                                    help="Precision of the teacher's tower (its classifier stays fp32).")
+    compile: bool | None = setting(None, default_text="on GPUs",
+                                   help="torch.compile the teacher (~25 s once; 1.11x on an H100).")
+    resize: str | None = setting(None, choices=RESIZE_MODES, help="Override the teacher's resize mode.")
+    on_error: str = setting("fail", choices=("fail", "skip"),
+                            help="An undecodable image: stop naming it, or record it as missing.")
+    crop_scale: tuple[float, float] = setting((0.5, 1.0), help="RandomResizedCrop area range of views 1..V-1.")
+    compression: str = setting(DEFAULT_COMPRESSION, choices=COMPRESSIONS, help="Codec of the cache's arrays.")
 
     def __post_init__(self):
         if self.views < 1:
@@ -62,8 +71,6 @@ class Config:
             raise UserError("--batch-size must be positive and --workers non-negative")
         if self.on_error not in ("fail", "skip"):
             raise UserError("--on-error must be 'fail' or 'skip'")
-        from dho_pipeline.cache_store import COMPRESSIONS
-
         if self.compression not in COMPRESSIONS:
             raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
         if self.precision is not None and self.precision not in PRECISIONS:

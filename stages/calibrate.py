@@ -22,20 +22,26 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from .common import PRECISIONS
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path
-    data: tuple[str, ...]  # a manifest (.json) or shards
-    out: Path
-    split: Path | None = None  # use this split's held-out images of the --data manifest
-    allow_overlap: bool = False  # accept calibration images that were in the training labeled set
-    student: str | None = None
-    classnames: Path | None = None
-    batch_size: int = 256
-    workers: int = 4
-    device: str | None = None
-    precision: str | None = None
+    checkpoint: Path = setting(help="Student checkpoint.")
+    data: tuple[str, ...] = setting(help="Held-out data: a manifest (.json) or shards; repeatable.")
+    out: Path = setting(help="Calibrated checkpoint to write.")
+    split: Path | None = setting(None, help="Calibrate on this split's held-out images of --data.")
+    allow_overlap: bool = setting(False, help="Accept images the student was trained on as labeled.")
+    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
+                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
+                                      help="Class names, one per line.")
+    batch_size: int = setting(256, help="Images per batch and process.")
+    workers: int = setting(4, help="Data-loading processes.")
+    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
+    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
+                                    help="Autocast precision.")
 
 
 def _calibration_ids(config: Config, manifest):

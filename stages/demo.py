@@ -35,6 +35,8 @@ import click
 
 from dho_pipeline.errors import UserError
 
+from .options import setting
+
 METHODS = {  # report row -> (run name, head read from the evaluation)
     "CE-only": ("ce-only", "ce"),
     "single-head CE+KD": ("single-head", "ce"),
@@ -48,15 +50,15 @@ METHODS = {  # report row -> (run name, head read from the evaluation)
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    out: Path = Path("demo-out")
-    seed: int = 0  # label split, data order and views (the three-way data split is fixed)
-    percent: float = 10.0  # labeled share of the train part
-    holdout: int = 3  # held-out labeled images per class, for calibration
-    views: int = 8  # cached teacher views per training image
-    epochs: int = 20  # passes over the unlabeled images, per training run
-    batch_size: int = 32  # labeled (and unlabeled) images per step
-    lr: float = 5e-4
-    workers: int = 0  # data-loading processes (0: in the training process; best on 2 cores)
+    out: Path = setting(Path("demo-out"), help="Folder for the demo's data, caches, runs and report.")
+    seed: int = setting(0, help="Seed of the label split, data order and views (the three-way data split is fixed).")
+    percent: float = setting(10.0, help="Labeled share of the train part.")
+    holdout: int = setting(3, help="Held-out labeled images per class, for calibration.")
+    views: int = setting(8, help="Cached teacher views per training image.")
+    epochs: int = setting(20, help="Epochs per training run (passes over the unlabeled images).")
+    batch_size: int = setting(32, help="Labeled (and as many unlabeled) images per step.")
+    lr: float = setting(5e-4, help="Peak learning rate of the training runs.")
+    workers: int = setting(0, help="Data-loading processes (0: in the training process; best on 2 cores).")
 
 
 class _Runner:

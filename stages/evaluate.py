@@ -13,19 +13,25 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from .common import PRECISIONS
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path
-    data: tuple[str, ...]  # a manifest (.json) or shards
-    student: str | None = None  # architecture, when the checkpoint does not record it
-    classnames: Path | None = None  # default: the checkpoint's, or ImageNet's for 1000 classes
-    alpha: float | None = None  # default: the checkpoint's
-    beta: float | None = None
-    batch_size: int = 256  # per process
-    workers: int = 4
-    device: str | None = None
-    precision: str | None = None
+    checkpoint: Path = setting(help="Student checkpoint (ours or a released one).")
+    data: tuple[str, ...] = setting(help="A manifest (.json) or shards; repeatable.")
+    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
+                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
+                                      help="Class names, one per line.")
+    alpha: float | None = setting(None, default_text="the checkpoint's", help="Weight of the CE head in the mix.")
+    beta: float | None = setting(None, default_text="the checkpoint's", help="Temperature of the KD head in the mix.")
+    batch_size: int = setting(256, help="Images per batch and process.")
+    workers: int = setting(4, help="Data-loading processes.")
+    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
+    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
+                                    help="Autocast precision.")
 
 
 def load_inputs(config):

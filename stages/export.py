@@ -14,14 +14,18 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path
-    out: Path | None = None  # default: the checkpoint's path with .safetensors
-    format: str = "safetensors"
-    student: str | None = None
-    classnames: Path | None = None
+    checkpoint: Path = setting(argument=True, help="Student checkpoint.")
+    out: Path | None = setting(None, default_text="CHECKPOINT with .safetensors", help="Weights file to write.")
+    format: str = setting("safetensors", choices=("safetensors",), help="Export format.")
+    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
+                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
+                                      help="Class names, one per line.")
 
 
 def run(config: Config) -> dict:

@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    shards: tuple[str, ...]  # paths, brace patterns or globs
-    out: Path
-    workers: int = 4  # shards scanned at once
+    shards: tuple[str, ...] = setting(argument=True, help="Shard paths, brace patterns or globs.")
+    out: Path = setting(help="Manifest file to write (JSON).")
+    workers: int = setting(4, help="Shards scanned at once.")
 
 
 def run(config: Config):

@@ -13,15 +13,19 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path
-    images: tuple[Path, ...]
-    topk: int = 5
-    student: str | None = None
-    classnames: Path | None = None
-    device: str | None = None
+    checkpoint: Path = setting(help="Student checkpoint (ours or a released one).")
+    images: tuple[Path, ...] = setting(argument=True, help="Image files.")
+    topk: int = setting(5, help="Classes shown per image.")
+    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
+                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
+                                      help="Class names, one per line.")
+    device: str | None = setting(None, default_text="cuda if available, else cpu", help="Device.")
 
 
 def run(config: Config) -> list[dict]:

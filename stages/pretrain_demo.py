@@ -20,6 +20,8 @@ from pathlib import Path
 import dho_pipeline.demo
 from dho_pipeline.errors import UserError
 
+from .options import setting
+
 SHIPPED = Path(dho_pipeline.demo.__file__).parent / "weights"  # the files pretrain-demo-clips reproduces
 RECIPES = {
     # file stem: (open_clip model, pretrain images used, epochs, seed)
@@ -30,8 +32,8 @@ RECIPES = {
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    out: Path = SHIPPED
-    check: bool = False  # retrain elsewhere and compare with the files in `out`
+    out: Path = setting(SHIPPED, cli=False, help="Folder of the weights files to write (or check).")
+    check: bool = setting(False, help="Retrain in a scratch folder and compare with the shipped files.")
 
 
 def _pixels(images, indices):

@@ -12,15 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    folder: Path
-    out: str  # shard path pattern with a %d placeholder, e.g. shards/train-%06d.tar
-    classes: Path | None = None  # class folder names in label order; default: sorted folder names
-    maxcount: int = 1000  # samples per shard at most
-    maxsize: float = 1e9  # bytes per shard at most
-    seed: int = 0  # sample order: a seeded shuffle of the sorted file list
+    folder: Path = setting(argument=True, help="A class-folder tree: FOLDER/<class>/<image>.")
+    out: str = setting(help="Shard path pattern with a %d placeholder, e.g. shards/train-%06d.tar.")
+    classes: Path | None = setting(None, default_text="sorted folder names",
+                                   help="Class folder names in label order, one per line.")
+    maxcount: int = setting(1000, help="Samples per shard at most.")
+    maxsize: float = setting(1e9, help="Bytes per shard at most.")
+    seed: int = setting(0, help="Seed of the sample order (a shuffle of the sorted file list).")
 
 
 def run(config: Config) -> dict:

@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    manifest: Path
-    out: Path
-    percent: float = 1.0  # labeled share of the data set, class-balanced
-    seed: int = 13  # the reference's seed
-    holdout: int = 0  # labeled images per class set aside for calibration, never trained on
-    from_list: Path | None = None  # an existing list of image names/keys instead of drawing
+    manifest: Path = setting(help="Manifest of the training shards.")
+    out: Path = setting(help="Split file to write (JSON).")
+    percent: float = setting(1.0, help="Labeled share of the data set, class-balanced.")
+    seed: int = setting(13, help="Seed of the draw (the reference uses 13).")
+    holdout: int = setting(0, help="Labeled images per class held out for calibration, never trained on.")
+    from_list: Path | None = setting(None, help="Use the images this file names (one per line) as the labeled set.")
 
 
 def run(config: Config):
