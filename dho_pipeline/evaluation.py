@@ -129,19 +129,26 @@ def refinement_grid(alpha: float, beta: float) -> tuple[list[float], list[float]
     return alphas, betas
 
 
+def logits_on_samples(model, table, sample_ids, image_size, normalize, *, rank: int, world: int, batch_size: int,
+                      workers: int, autocast) -> dict[str, torch.Tensor]:
+    """CE/KD logits of a dual-head model on this process's share of `sample_ids` (rows of a
+    student_data.SampleTable): process r takes ids r, r + world, ... Each image shows the student's
+    evaluation view (resize the shortest side, centre-crop), rendered as in training."""
+    from .student_data import FiniteIdStream, StudentBatches
+
+    stream = FiniteIdStream(sample_ids, batch_size, rank, world)
+    dataset = StudentBatches(table, stream, image_size, num_batches=stream.num_batches)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, stream.num_batches))
+    return collect_logits(model, loader, normalize, autocast)
+
+
 def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, batch_size: int, workers: int,
                       device, autocast) -> dict[str, torch.Tensor]:
-    """Logits of a loaded student (student_checkpoint.LoadedStudent) on this process's share of `sample_ids`.
-
-    Each image shows the student's evaluation view (resize the shortest side, centre-crop), rendered
-    as in training; process r takes ids r, r + world, ...
-    """
+    """`logits_on_samples` for a loaded student (student_checkpoint.LoadedStudent) on a manifest."""
     from .pixels import Normalizer
-    from .student_data import FiniteIdStream, SampleTable, StudentBatches
+    from .student_data import SampleTable
 
-    table = SampleTable.from_manifest(manifest)
-    stream = FiniteIdStream(sample_ids, batch_size, rank, world)
-    dataset = StudentBatches(table, stream, loaded.preprocess.image_size, num_batches=stream.num_batches)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, stream.num_batches))
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
-    return collect_logits(loaded.model.to(device), loader, normalize, autocast)
+    return logits_on_samples(loaded.model.to(device), SampleTable.from_manifest(manifest), sample_ids,
+                             loaded.preprocess.image_size, normalize, rank=rank, world=world, batch_size=batch_size,
+                             workers=workers, autocast=autocast)

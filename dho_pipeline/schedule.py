@@ -1,8 +1,9 @@
-"""The learning-rate schedule of a training run, as a pure function of the step."""
+"""How many steps a training run takes, and its learning rate at each, as pure functions."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def warmup_cosine(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -17,3 +18,20 @@ def warmup_cosine(step: int, *, base_lr: float, warmup_steps: int, total_steps: 
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Step arithmetic of a run, identical on every process."""
+
+    steps_per_epoch: int  # optimiser steps in one pass over the unlabeled set
+    total_steps: int
+
+    @classmethod
+    def of(cls, *, num_unlabeled: int, batch_size: int, epochs: int) -> "StepPlan":
+        steps_per_epoch = max(1, num_unlabeled // batch_size)
+        return cls(steps_per_epoch, steps_per_epoch * epochs)
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch (from 0) that optimiser step `step` (counted from 1) belongs to."""
+        return (step - 1) // self.steps_per_epoch if step else 0

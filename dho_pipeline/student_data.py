@@ -310,3 +310,29 @@ class StudentBatches(IterableDataset):
         if targets is not None:
             batch["teacher"] = targets
         return batch
+
+
+def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, image_size,
+                     micro_batch: int, seed: int, rank: int, world: int, positions: dict[str, int], workers: int,
+                     reader: CacheReader | None = None, online_views: ViewPolicy | None = None,
+                     teacher_size: tuple[int, int] | None = None, pin_memory: bool = False) -> dict:
+    """DataLoaders of the labeled and (unless None) unlabeled streams, from batch `positions[name]` on.
+
+    With a cache `reader` each sample shows a cached view with its teacher targets; with `online_views`
+    a fresh view per epoch, also rendered at `teacher_size` for a teacher run online.
+    """
+
+    def loader(order, first, rows):
+        dataset = StudentBatches(
+            table, IdStream(order, micro_batch), image_size, rows=rows, num_views=reader.num_views if reader else 1,
+            first_batch=first, online_views=online_views, extra_sizes=(teacher_size,) if teacher_size else (),
+        )
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                           persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    loaders = {"labeled": loader(labeled_order(labeled, seed, rank, world), positions["labeled"],
+                                 PreloadedRows(reader, table, labeled) if reader else None)}
+    if unlabeled is not None:
+        loaders["unlabeled"] = loader(unlabeled_order(table, unlabeled, seed, rank, world), positions["unlabeled"],
+                                      ShardRows(reader, table) if reader else None)
+    return loaders

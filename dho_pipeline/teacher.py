@@ -102,3 +102,30 @@ def load_zero_shot_teacher(model: str, pretrained: str, classnames: list[str], t
     runner = TeacherRunner(ZeroShotTeacher(loaded.model.visual, embeddings).to(device), dtype=dtype,
                            compile=compile, batch_size=batch_size)
     return LoadedTeacher(runner=runner, preprocess=loaded.preprocess, description=loaded.describe())
+
+
+class OnlineTeacher:
+    """A zero-shot teacher run in the training loop on each view (the reference's way; no cache).
+
+    Each sample shows view 1 + its stream epoch, a RandomResizedCrop + flip drawn exactly as stage one
+    draws views (`views`); the data stream renders it at the teacher's size too, and `targets` turns the
+    teacher's logits on those pixels into the same TeacherTargets a cache gives.
+    """
+
+    def __init__(self, loaded: LoadedTeacher, *, seed: int, crop_scale: tuple[float, float], device):
+        from .pixels import Normalizer
+        from .views import VIEW0_WHOLE, ViewPolicy
+
+        self.runner = loaded.runner
+        self.image_size = loaded.preprocess.image_size
+        self.views = ViewPolicy(num_views=2**31 - 1, seed=seed, view0=VIEW0_WHOLE, crop_scale=tuple(crop_scale))
+        self.normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
+
+    def targets(self, batch: dict, temperature: float):
+        """TeacherTargets of a batch whose views were also rendered at the teacher's size."""
+        from .cache_reader import TeacherTargets
+
+        # clone: the runner's inference-mode logits become an ordinary tensor that the loss may save
+        logits = self.runner(self.normalize(batch[f"pixels_{self.image_size[0]}"])).clone()
+        return TeacherTargets.from_logits(logits, temperature, keys=batch["keys"], boxes=batch["boxes"],
+                                          flips=batch["flips"])

@@ -123,3 +123,27 @@ def append_jsonl(path: Path, record: dict) -> None:
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
+
+
+class MetricsWindow:
+    """What `train` logs every few steps: mean loss parts, samples/s, and the share of time spent waiting
+    for data. Loss parts are summed on the device, so logging costs one sync per window, not per step."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.steps = self.samples = 0
+        self.data_seconds = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, losses: dict, scale: float) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float() * scale
+
+    def record(self, step: int, epoch: int, lr: float) -> dict:
+        """The window's metrics line; the window starts again."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        parts = {name: value.item() / max(1, self.steps) for name, value in self.sums.items()}
+        record = {"step": step, "epoch": epoch, "lr": lr, **parts, "loss": sum(parts.values()),
+                  "samples_per_second": self.samples / elapsed, "data_wait_fraction": self.data_seconds / elapsed}
+        self.__init__()
+        return record

@@ -156,3 +156,35 @@ def make_config(config_class, settings: dict, where: str = "as options"):
     if absent:
         raise UserError(f"missing {', '.join('--' + name.replace('_', '-') for name in absent)}; give them {where}")
     return config_class(**settings)
+
+
+def read_recipe(path: Path, config_class, shipped: Path) -> dict:
+    """Settings of `config_class` from a TOML recipe (a `[train]` table, or top-level keys; `about` is a
+    description), found at `path` or, by name, among the recipes that ship in `shipped`. Paths are
+    relative to the working directory; lists become tuples where the Config wants tuples."""
+    import tomllib
+
+    path = Path(path)
+    if not path.exists() and (shipped / f"{path.name}.toml").is_file():
+        path = shipped / f"{path.name}.toml"
+    try:
+        recipe = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        names = ", ".join(sorted(p.stem for p in shipped.glob("*.toml")))
+        raise UserError(f"recipe {path} does not exist (recipes that ship with dho-pipeline: {names})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"recipe {path} is not valid TOML ({error})") from None
+    recipe = recipe.get("train", recipe)
+    recipe.pop("about", None)
+    hints = typing.get_type_hints(config_class)
+    unknown = sorted(set(recipe) - set(hints))
+    if unknown:
+        raise UserError(f"recipe {path}: unknown setting(s) {', '.join(unknown)}")
+    for name, value in recipe.items():
+        kind, _ = _unwrap_optional(hints[name])
+        if kind is Path and isinstance(value, str):
+            recipe[name] = Path(value)
+        elif typing.get_origin(kind) is tuple and isinstance(value, list):
+            numbers = typing.get_args(kind)[0] is float
+            recipe[name] = tuple(float(v) if numbers else v for v in value)
+    return recipe

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import PRECISIONS, append_jsonl, log, reduce_sum
-from .options import FloatList, setting
+from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
+from .options import FloatList, read_recipe, setting
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
 
@@ -109,28 +108,7 @@ def load_recipe(path: Path) -> dict:
     as the name of a recipe that ships with the package (`vit-b16-1pct`, see manifests/recipes/)."""
     from dho_pipeline.package_data import RECIPES
 
-    path = Path(path)
-    if not path.exists() and (RECIPES / f"{path.name}.toml").is_file():
-        path = RECIPES / f"{path.name}.toml"
-    try:
-        recipe = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
-        raise UserError(f"recipe {path} does not exist (recipes that ship with dho-pipeline: {shipped})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"recipe {path} is not valid TOML ({error})") from None
-    known = {f.name for f in fields(Config)}
-    recipe = recipe.get("train", recipe)
-    unknown = sorted(set(recipe) - known - {"about"})
-    if unknown:
-        raise UserError(f"recipe {path}: unknown setting(s) {', '.join(unknown)}")
-    recipe.pop("about", None)
-    for name in ("cache", "manifest", "split", "out", "eval_data"):
-        if name in recipe:
-            recipe[name] = Path(recipe[name])
-    if "loss_weights" in recipe:
-        recipe["loss_weights"] = tuple(float(w) for w in recipe["loss_weights"])
-    return recipe
+    return read_recipe(path, Config, RECIPES)
 
 
 def _micro_batch(config: Config, world: int) -> int:
@@ -140,19 +118,6 @@ def _micro_batch(config: Config, world: int) -> int:
             f"--batch-size {config.batch_size} must be divisible by processes x --grad-accum ({world} x {config.grad_accum})"
         )
     return config.batch_size // (world * config.grad_accum)
-
-
-@dataclass
-class _Plan:
-    """Step arithmetic, identical on every rank."""
-
-    steps_per_epoch: int  # optimiser steps: one pass over the unlabeled set
-    total_steps: int
-
-    @classmethod
-    def of(cls, config: Config, num_unlabeled: int) -> "_Plan":
-        steps_per_epoch = max(1, num_unlabeled // config.batch_size)
-        return cls(steps_per_epoch, steps_per_epoch * config.epochs)
 
 
 def _check_inputs(config: Config):
@@ -186,19 +151,15 @@ def _check_inputs(config: Config):
     return manifest, reader, split, classnames, templates
 
 
-def _streams(config, manifest, reader, split, state, micro_batch, student_size, positions, online_views=None,
-             teacher_size=None):
-    """DataLoaders of the labeled and unlabeled streams from the saved positions; the sample counts; the
-    table of samples and the labeled ids."""
-    import numpy as np
-    import torch
+def _samples(config, manifest, reader, split):
+    """The labeled and unlabeled sample ids to train on, the table they index, and their counts.
 
-    from dho_pipeline.student_data import (
-        IdStream, PreloadedRows, SampleTable, ShardRows, StudentBatches, labeled_order, unlabeled_order,
-    )
+    Samples stage one could not decode (--on-error skip) have no teacher targets: skipped and counted."""
+    import numpy as np
+
+    from dho_pipeline.student_data import SampleTable
 
     table = SampleTable.from_manifest(manifest)
-    # Samples stage one could not decode (--on-error skip) have no teacher targets: skip and count them.
     usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
     labeled = table.ids_of(split.labeled_mask(manifest))
     unlabeled = table.ids_of(split.unlabeled_mask(manifest))
@@ -207,26 +168,7 @@ def _streams(config, manifest, reader, split, state, micro_batch, student_size, 
     labeled, unlabeled = labeled[usable[labeled]], unlabeled[usable[unlabeled]]
     if len(labeled) == 0:
         raise UserError(f"split {config.split} has no labeled samples that the cache holds")
-
-    rank, world = state.process_index, state.num_processes
-
-    def loader(ids_order, first, rows=None):
-        dataset = StudentBatches(
-            table, IdStream(ids_order, micro_batch), student_size, rows=rows,
-            num_views=reader.num_views if reader else 1, first_batch=first, online_views=online_views,
-            extra_sizes=(teacher_size,) if teacher_size else (),
-        )
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=config.workers, pin_memory=state.device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if config.workers else None,
-        )
-
-    streams = {"labeled": loader(labeled_order(labeled, config.seed, rank, world), positions["labeled"],
-                                 PreloadedRows(reader, table, labeled) if reader else None)}
-    if config.objective_spec().needs_teacher:
-        streams["unlabeled"] = loader(unlabeled_order(table, unlabeled, config.seed, rank, world),
-                                      positions["unlabeled"], ShardRows(reader, table) if reader else None)
-    return streams, counts, table, labeled
+    return table, labeled, unlabeled, counts
 
 
 def run(config: Config) -> dict:
@@ -238,8 +180,9 @@ def run(config: Config) -> dict:
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline.clip_models import load_clip
     from dho_pipeline.pixels import Normalizer
-    from dho_pipeline.schedule import warmup_cosine
+    from dho_pipeline.schedule import StepPlan, warmup_cosine
     from dho_pipeline.student import build_student
+    from dho_pipeline.student_data import training_loaders
 
     from .common import process_state, resolve_compile, resolve_precision
 
@@ -300,11 +243,15 @@ def run(config: Config) -> dict:
     micro_batch = _micro_batch(config, accelerator.num_processes)
     teacher = _online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
         if config.teacher_online else None
-    streams, counts, table, labeled_ids = _streams(
-        config, manifest, reader, split, accelerator.state, micro_batch, student_preprocess.image_size, positions,
-        online_views=teacher["views"] if teacher else None, teacher_size=teacher["size"] if teacher else None,
+    table, labeled_ids, unlabeled_ids, counts = _samples(config, manifest, reader, split)
+    streams = training_loaders(
+        table, labeled_ids, unlabeled_ids if objective.needs_teacher else None,
+        image_size=student_preprocess.image_size, micro_batch=micro_batch, seed=config.seed,
+        rank=accelerator.process_index, world=accelerator.num_processes, positions=positions, workers=config.workers,
+        reader=reader, online_views=teacher.views if teacher else None,
+        teacher_size=teacher.image_size if teacher else None, pin_memory=device.type == "cuda",
     )
-    plan = _Plan.of(config, counts["unlabeled"])
+    plan = StepPlan.of(num_unlabeled=counts["unlabeled"], batch_size=config.batch_size, epochs=config.epochs)
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
     evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess.image_size, classnames)
     if accelerator.is_main_process:
@@ -319,7 +266,7 @@ def run(config: Config) -> dict:
     # ---- the loop ---------------------------------------------------------------------------------
     iterators = {name: iter(loader) for name, loader in streams.items()}
     metrics_path = out / "metrics.jsonl"
-    window = {"samples": 0, "data": 0.0, "started": time.perf_counter(), "sums": {}}
+    window = MetricsWindow()
     last_eval = None
     bar = tqdm(total=last_step, initial=step, unit="step", desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
@@ -332,39 +279,34 @@ def run(config: Config) -> dict:
             for micro in range(config.grad_accum):
                 fetch_started = time.perf_counter()
                 batches = {name: next(iterator) for name, iterator in iterators.items()}
-                window["data"] += time.perf_counter() - fetch_started
+                window.data_seconds += time.perf_counter() - fetch_started
                 for name in positions:
                     positions[name] += name in batches
                 if teacher is not None:
-                    _add_online_targets(teacher, batches, config.temperature)
+                    for batch in batches.values():
+                        batch["teacher"] = teacher.targets(batch, config.temperature)
                 sync = micro == config.grad_accum - 1
                 with (nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
                     losses = _losses(objective, train_forward, batches, normalize)
                     loss = sum(losses.values()) / config.grad_accum
                 accelerator.backward(loss)
-                for name, value in losses.items():  # summed on the device: no sync per step
-                    window["sums"][name] = window["sums"].get(name, 0.0) + value.detach().float() / config.grad_accum
-                window["samples"] += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
+                window.add(losses, 1 / config.grad_accum)
+                window.samples += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            epoch = (step - 1) // plan.steps_per_epoch
+            epoch = plan.epoch_of(step)
             bar.update(1)
 
             # ---- log ----
+            window.steps += 1
             if step % config.log_every == 0 or step == last_step:
-                elapsed = time.perf_counter() - window["started"]
-                steps_in_window = config.log_every if step % config.log_every == 0 else step % config.log_every
-                record = {"step": step, "epoch": epoch, "lr": lr,
-                          **{k: v.item() / steps_in_window for k, v in window["sums"].items()},
-                          "samples_per_second": window["samples"] / max(elapsed, 1e-9),
-                          "data_wait_fraction": window["data"] / max(elapsed, 1e-9)}
-                record["loss"] = sum(v for k, v in record.items() if k.startswith(("ce_", "kd_")))
+                record = window.record(step, epoch, lr)
                 if accelerator.is_main_process:
                     append_jsonl(metrics_path, record)
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", *window["sums"], "lr")} | {"img/s": f"{record['samples_per_second']:.0f}"})
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k.startswith(("loss", "ce_", "kd_", "lr"))}
+                                    | {"img/s": f"{record['samples_per_second']:.0f}"})
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                window = {"samples": 0, "data": 0.0, "started": time.perf_counter(), "sums": {}}
 
             # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps) ----
             epoch_end = step % plan.steps_per_epoch == 0
@@ -378,7 +320,7 @@ def run(config: Config) -> dict:
 
     # ---- the released checkpoint ------------------------------------------------------------------
     finished = step >= plan.total_steps
-    epoch = (step - 1) // plan.steps_per_epoch if step else 0
+    epoch = plan.epoch_of(step)
     summary = {"steps": step, "total_steps": plan.total_steps, "finished": finished, "epoch": epoch,
                "eval": last_eval, **counts}
     if accelerator.is_main_process:
@@ -432,60 +374,41 @@ def _student_checkpoint(config, student, preprocess, classnames, templates, read
                              alpha=alpha, beta=beta, metadata=metadata)
 
 
-def _online_teacher(config: Config, classnames, templates, device, precision, compiled, batch_size) -> dict:
-    """The zero-shot teacher for --teacher-online, built and run exactly as cache-teacher runs it, and the
-    views it sees: view 1 + stream epoch, a RandomResizedCrop + flip drawn as stage one draws views."""
-    from dho_pipeline.pixels import Normalizer
-    from dho_pipeline.teacher import load_zero_shot_teacher
-    from dho_pipeline.views import VIEW0_WHOLE, ViewPolicy
+def _online_teacher(config: Config, classnames, templates, device, precision, compiled, batch_size):
+    """--teacher-online: the zero-shot teacher, built and run exactly as cache-teacher runs it."""
+    from dho_pipeline.teacher import OnlineTeacher, load_zero_shot_teacher
 
     from .common import precision_dtype
 
     loaded = load_zero_shot_teacher(config.teacher, config.teacher_pretrained, classnames, templates, device=device,
                                     dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size)
-    views = ViewPolicy(num_views=2**31 - 1, seed=config.seed, view0=VIEW0_WHOLE, crop_scale=tuple(config.crop_scale))
-    return {"runner": loaded.runner, "size": loaded.preprocess.image_size, "views": views,
-            "normalize": Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)}
-
-
-def _add_online_targets(teacher: dict, batches: dict, temperature: float) -> None:
-    from dho_pipeline.cache_reader import TeacherTargets
-
-    key = f"pixels_{teacher['size'][0]}"
-    for batch in batches.values():
-        # clone: the runner's inference-mode logits become an ordinary tensor that the loss may save
-        logits = teacher["runner"](teacher["normalize"](batch[key])).clone()
-        batch["teacher"] = TeacherTargets.from_logits(logits, temperature, keys=batch["keys"], boxes=batch["boxes"],
-                                                      flips=batch["flips"])
+    return OnlineTeacher(loaded, seed=config.seed, crop_scale=config.crop_scale, device=device)
 
 
 def _evaluator(config: Config, accelerator, student, normalize, student_size, classnames):
-    """A function that evaluates on --eval-data (each sample once across ranks), or None."""
+    """A function that evaluates each head and the alpha = beta = 0.5 mix on --eval-data (each sample once
+    across ranks), or None."""
     if config.eval_data is None:
         return None
     import numpy as np
-    import torch
 
-    from dho_pipeline.evaluation import collect_logits, finish_statistics, sufficient_statistics
+    from dho_pipeline.evaluation import finish_statistics, logits_on_samples, sufficient_statistics
     from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.student_data import FiniteIdStream, SampleTable, StudentBatches
+    from dho_pipeline.student_data import SampleTable
 
     eval_manifest = load_manifest(config.eval_data)
     eval_manifest.check_files()
+    eval_manifest.check_labels(len(classnames), required=True)
     table = SampleTable.from_manifest(eval_manifest)
-    num_classes = len(classnames)
-    if (table.label < 0).any() or (table.label >= num_classes).any():
-        raise UserError(f"--eval-data {config.eval_data}: every sample needs a label in 0..{num_classes - 1}")
-    stream = FiniteIdStream(np.arange(len(table.label)), config.eval_batch_size,
-                            accelerator.process_index, accelerator.num_processes)
 
     def evaluate() -> dict:
-        dataset = StudentBatches(table, stream, student_size, num_batches=stream.num_batches)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(config.workers, stream.num_batches))
-        logits = collect_logits(student, loader, normalize, accelerator.autocast)
-        # Sums over ranks: every sample counted exactly once.
-        stats = sufficient_statistics(logits, 0.5, 0.5, num_classes)
-        report = finish_statistics(reduce_sum(accelerator.state, stats), num_classes)
+        logits = logits_on_samples(
+            student, table, np.arange(len(table.label)), student_size, normalize, rank=accelerator.process_index,
+            world=accelerator.num_processes, batch_size=config.eval_batch_size, workers=config.workers,
+            autocast=accelerator.autocast,
+        )
+        stats = reduce_sum(accelerator.state, sufficient_statistics(logits, 0.5, 0.5, len(classnames)))
+        report = finish_statistics(stats, len(classnames))
         return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
 
     return evaluate
