@@ -21,4 +21,5 @@ def packaged_file(*parts: str) -> Path:
 
 IMAGENET_CLASSNAMES = packaged_file("imagenet_classnames.txt")
 IMAGENET_TEMPLATES = packaged_file("imagenet_templates.txt")
+IMAGENET_WNIDS = packaged_file("imagenet_wnids.txt")  # class folders in label order (for `shard --classes`)
 RECIPES = packaged_file("recipes")

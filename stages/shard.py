@@ -1,10 +1,10 @@
 """Turn an ImageNet-style class-folder tree into WebDataset shards with `.cls` labels.
 
-    dho-pipeline shard imagenet/train --out shards/train-%06d.tar --classes manifests/imagenet_synsets.txt
+    dho-pipeline shard imagenet/train --out shards/train-%06d.tar --classes manifests/imagenet_wnids.txt
 
 This is how a user gets from an ImageNet download (`train/<synset>/<image>.JPEG`) to the pipeline's
 input. Class indices follow the class-list file (folder names, one per line, in label order) or the
-sorted folder names.
+sorted folder names (for ImageNet the same order: manifests/imagenet_wnids.txt lists it).
 """
 
 from __future__ import annotations
