@@ -1,11 +1,14 @@
 """Class-name and prompt-template files: plain UTF-8 text, one entry per line.
 
-Blank lines and lines starting with `#` are ignored. A template holds exactly one `{}`, where the class
-name goes (`a photo of the large {}.`). Class names may repeat (CLIP's ImageNet names do: "sunglasses").
+Blank lines and lines starting with `#` are ignored; a line ends at LF, CRLF or CR, and an entry
+holding a control character (a form feed, NEL, ...) is refused. A template holds exactly one `{}`,
+where the class name goes (`a photo of the large {}.`). Class names may repeat (CLIP's ImageNet names
+do: "sunglasses").
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from .errors import UserError
@@ -28,10 +31,12 @@ def read_lines(path: str | Path, what: str) -> list[str]:
         raise UserError(f"{what} file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     except OSError as error:
         raise UserError(f"{what} file {path} cannot be read ({error.strerror})") from None
-    lines = [line.strip() for line in text.splitlines()]
+    # Not str.splitlines(): it also breaks at a form feed, NEL or U+001C-U+001E, which would silently
+    # make two entries of one line (and shift every label after it).
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     entries = [line for line in lines if line and not line.startswith("#")]
     for number, line in enumerate(entries, start=1):
-        if any(ord(ch) < 32 for ch in line):
+        if any(unicodedata.category(ch) == "Cc" for ch in line):  # C0, DEL and C1 controls
             raise UserError(f"{what} file {path}: entry {number} contains a control character")
     if not entries:
         raise UserError(f"{what} file {path} has no entries (one per line expected)")

@@ -219,6 +219,10 @@ def load_split(path: str | Path) -> Split:
             raise UserError(f"split {path}: '{part}' must map shard names to lists of positions; draw it again")
     if not _is_position(content["num_samples"]) or not isinstance(content["method"], dict):
         raise UserError(f"split {path} is malformed; draw it again")
+    for name, positions in content["labeled"].items():  # held out means never trained on
+        both = set(positions) & set(content["holdout"].get(name, []))
+        if both:
+            raise UserError(f"split {path}: sample {min(both)} of {name} is both labeled and held out; draw it again")
     return Split(fingerprint=document["fingerprint"], **content)
 
 

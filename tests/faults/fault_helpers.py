@@ -5,7 +5,9 @@ helpers (generated shards, class lists, the in-process CLI) come from tests/help
 
 Faults that need a real process death run `dho-pipeline` in a subprocess under `fault_runner.py`,
 which arms one fault (a SIGKILL of its own process at a chosen point, inside zarr's or torch's
-writes) and then runs the ordinary command line.
+writes or at the nth call of a function) and then runs the ordinary command line. The fault writes a
+marker line at its injection point; `run_to_fault` checks that line and the exit code, so a planned
+fault that did not fire, or fired elsewhere, fails the test.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from contextlib import contextmanager
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -71,40 +75,76 @@ def fault_command(spec: dict | None, *args) -> list[str]:
 
 
 def popen(spec: dict | None, *args, cwd=None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    """Start `dho-pipeline ARGS` (faults armed by `spec`) on one torch thread; its output goes to a
+    temporary file (a pipe nobody reads while the test polls could fill up and stall the process)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.Popen(fault_command(spec, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=cwd)
+    output = tempfile.TemporaryFile("w+", encoding="utf-8")
+    process = subprocess.Popen(fault_command(spec, *args), stdout=output, stderr=subprocess.STDOUT, text=True,
+                               env=env, cwd=cwd)
+    process.output_file = output
+    return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Wait for the process (killing it after `timeout` s, which fails the test); (returncode, output)."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"command did not finish in {timeout}s:\n{_output(process)[-3000:]}") from None
+    return process.returncode, _output(process)
+
+
+def _output(process: subprocess.Popen) -> str:
+    process.output_file.seek(0)
+    return process.output_file.read()
 
 
 def run_faulted(spec: dict | None, *args, timeout: float = 120, cwd=None) -> tuple[int, str]:
     """Run to the end (or to the armed kill); returns (returncode, output)."""
-    process = popen(spec, *args, cwd=cwd)
+    return finish(popen(spec, *args, cwd=cwd), timeout)
+
+
+def fired_lines(log: Path) -> list[dict]:
+    """The marker lines fault_runner.py wrote at each injection point, in order."""
     try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        raise AssertionError(f"command did not finish in {timeout}s:\n{output[-3000:]}")
-    return process.returncode, output
+        return [json.loads(line) for line in Path(log).read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        return []
 
 
-def kill_when(process: subprocess.Popen, condition, *, delay: float = 0.0, timeout: float = 120) -> bool:
-    """SIGKILL `process` `delay` seconds after `condition()` holds. False if it ended on its own first."""
+def run_to_fault(fired: Path, fault: dict, *args, expect: str, timeout: float = 120) -> str:
+    """Run with one fault armed and prove it landed: the process died of SIGKILL, and the fault left
+    exactly one marker line whose detail (the write's path, the call's number) matches `expect`.
+    A planned fault that did not fire fails here; nothing stands in for it. Returns the detail."""
+    before = len(fired_lines(fired))
+    code, output = run_faulted({"fired": str(fired), "faults": [fault]}, *args, timeout=timeout)
+    new = fired_lines(fired)[before:]
+    assert len(new) == 1, f"planned fault {fault} fired {len(new)} time(s), exit {code}:\n{output[-2000:]}"
+    assert re.search(expect, new[0]["detail"]), f"fault fired at {new[0]['detail']!r}, not at {expect!r}"
+    assert code == -signal.SIGKILL, f"fired at {new[0]['detail']!r} but the process exited {code}:\n{output[-2000:]}"
+    return new[0]["detail"]
+
+
+def kill_when(process: subprocess.Popen, condition, *, delay: float = 0.0, timeout: float = 120) -> tuple[int, str]:
+    """SIGKILL `process` `delay` seconds after `condition()` holds; returns (returncode, output).
+
+    A process that ended before the kill returns its own exit code (the caller's check for -9 fails);
+    a condition that never holds within `timeout` fails here."""
     deadline = time.time() + timeout
     while process.poll() is None and not condition():
         if time.time() > deadline:
-            raise AssertionError("kill condition never held")
+            process.kill()
+            raise AssertionError(f"kill condition never held in {timeout}s:\n{_output(process)[-2000:]}")
         time.sleep(0.01)
     end = time.time() + delay
     while process.poll() is None and time.time() < end:
         time.sleep(0.005)
-    if process.poll() is not None:
-        process.communicate()
-        return False
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate()
-    return process.returncode == -signal.SIGKILL
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    return finish(process)
 
 
 def line_count(path: Path) -> int:

@@ -1,12 +1,20 @@
 """Run `dho-pipeline ARGS...` in this process with faults armed: a real SIGKILL of this very process
-at a chosen point of a write. Used by the fault-injection tests; nothing in dho-pipeline knows about it.
+at a chosen point of a write or of the work. Used by the fault-injection tests; nothing in dho-pipeline
+knows about it.
 
     python fault_runner.py '<json spec>' ARGS...
 
-spec = {"fired": "/path/log",          # each fault appends one line here just before it fires
+spec = {"fired": "/path/log",          # each fault appends one JSON line here at its injection point
         "faults": [FAULT, ...]}
 
-FAULT kinds (each fires on the `nth` matching call, counting from 1):
+Each fault fires on the `nth` matching call (counting from 1) and then does its `action`:
+"kill" (the default): append {"kind", "detail", "pid"} to the fired log, then SIGKILL this process;
+"hold": append the line, wait until the file named by "until" exists, then let the call go on (a
+        process parked at a known point, e.g. a writer holding the cache lock).
+The fired line is the proof that the fault landed where the test aimed it: its `detail` names the
+write (the path) or the call (its number). A test that finds no line for a planned fault fails.
+
+FAULT kinds:
   {"kind": "zarr_put", "match": REGEX, "contains": TEXT, "when": "before" | "partial" | "after"}
       zarr's LocalStore writes every object (chunk or zarr.json) through `_put`; REGEX is searched in
       the object's path, TEXT (optional) in its bytes. "before": die before writing; "partial": die
@@ -22,10 +30,14 @@ FAULT kinds (each fires on the `nth` matching call, counting from 1):
       (the moment a kill while pruning an old checkpoint leaves behind).
   {"kind": "optimizer_step"}
       die inside an optimiser step (after forward and backward, before the weights change).
+  {"kind": "call", "target": "package.module:Name.attr"}
+      die as the named function or method is called (e.g. the teacher's forward of batch n, the
+      decoding of image n). Only calls in this process count: run with --workers 0.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -33,6 +45,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 
 def main() -> None:
@@ -47,10 +60,17 @@ def main() -> None:
             counts[index] = counts.get(index, 0) + 1
             return counts[index] == fault.get("nth", 1)
 
-    def die(fault: dict, detail: str) -> None:
+    def fire(fault: dict, detail: str) -> None:
+        """The injection point: leave the marker line, then die (or wait at the gate and go on)."""
+        action = fault.get("action", "kill")
         if fired_log:
             with open(fired_log, "a", encoding="utf-8") as log:
-                log.write(json.dumps({"kind": fault["kind"], "detail": detail}) + "\n")
+                log.write(json.dumps({"kind": fault["kind"], "action": action, "detail": detail,
+                                      "pid": os.getpid()}) + "\n")
+        if action == "hold":
+            while not os.path.exists(fault["until"]):
+                time.sleep(0.01)
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -72,10 +92,10 @@ def main() -> None:
                         with local._atomic_write(path, "wb", exclusive=exclusive) as handle:
                             handle.write(data[: len(data) // 2])
                             handle.flush()
-                            die(_fault, f"partial {path}")
+                            fire(_fault, f"partial {path}")
                     elif when == "after":
                         _real(path, value, exclusive)
-                    die(_fault, f"{when} {path}")
+                    fire(_fault, f"{when} {path}")
                 return _real(path, value, exclusive)
 
             local._put = put
@@ -84,7 +104,7 @@ def main() -> None:
 
             def rename(src, dst, *a, _real=real_rename, _index=index, _fault=fault, **k):
                 if re.search(_fault["match"], str(src)) and due(_index, _fault):
-                    die(_fault, f"before rename {src} -> {dst}")
+                    fire(_fault, f"before rename {src} -> {dst}")
                 return _real(src, dst, *a, **k)
 
             os.rename = rename
@@ -99,7 +119,7 @@ def main() -> None:
                     _real(obj, buffer, *a, **k)
                     with open(f, "wb") as handle:
                         handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                    die(_fault, f"inside torch.save {f}")
+                    fire(_fault, f"inside torch.save {f}")
                 return _real(obj, f, *a, **k)
 
             torch.save = save
@@ -113,7 +133,7 @@ def main() -> None:
                     for name in os.listdir(path):
                         if os.path.isfile(os.path.join(path, name)):
                             os.remove(os.path.join(path, name))
-                    die(_fault, f"inside rmtree {path}")
+                    fire(_fault, f"inside rmtree {path}")
                 return _real(path, *a, **k)
 
             shutil.rmtree = rmtree
@@ -124,10 +144,24 @@ def main() -> None:
 
             def step(self, *a, _real=real_step, _index=index, _fault=fault, **k):
                 if due(_index, _fault):
-                    die(_fault, "inside AdamW.step")
+                    fire(_fault, f"inside AdamW.step, call {_fault.get('nth', 1)}")
                 return _real(self, *a, **k)
 
             torch.optim.AdamW.step = step
+        elif kind == "call":
+            module_name, qualname = fault["target"].split(":")
+            owner = importlib.import_module(module_name)
+            *path, name = qualname.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            real_function = getattr(owner, name)
+
+            def call(*a, _real=real_function, _index=index, _fault=fault, **k):
+                if due(_index, _fault):
+                    fire(_fault, f"call {_fault.get('nth', 1)} of {_fault['target']}")
+                return _real(*a, **k)
+
+            setattr(owner, name, call)
         else:
             raise SystemExit(f"fault_runner: unknown fault kind {kind!r}")
 

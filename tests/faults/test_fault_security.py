@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ast
 
+import numpy as np
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     REPO, assert_clean_error, cache_args, invoke, one_torch_thread, trainable_dataset,
 )
+from helpers import random_image
 
 SOURCES = sorted([*(REPO / "dho_pipeline").rglob("*.py"), *(REPO / "stages").rglob("*.py")])
 
@@ -128,6 +130,25 @@ def test_poisoned_pretrained_weights_never_run(trained, tmp_path, command):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "weights.bin" in result.output
     assert not (tmp_path / "run" / "student.pt").exists() and not (tmp_path / "c.zarr" / "shards").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "calibrate", "export"])
+def test_student_checkpoints_with_code_are_refused_and_the_code_never_runs(trained, tmp_path, command):
+    """A released-format student.pt carrying a code-running pickle, handed to every command that loads one."""
+    marker = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "alpha": 0.5, "beta": 0.5, "payload": _Payload(str(marker))}, evil)
+    image = tmp_path / "x.png"
+    random_image(np.random.default_rng(0), 40, 40).save(image)
+    args = {
+        "predict": ["predict", "--checkpoint", evil, image],
+        "evaluate": ["evaluate", "--checkpoint", evil, "--data", trained["manifest"]],
+        "calibrate": ["calibrate", "--checkpoint", evil, "--data", trained["manifest"], "--out", tmp_path / "o.pt"],
+        "export": ["export", evil],
+    }[command]
+    assert_clean_error(invoke(*args), "evil.pt", "holds pickled objects that could run code, refused")
+    assert not marker.exists(), "the pickled payload ran"
+    assert not (tmp_path / "o.pt").exists() and not list(tmp_path.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("command", ["cache-teacher", "train"])
