@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from helpers import cli
+from test_tiny_clip import MODEL_CONFIGS, digit_zero_shot_accuracy  # zero-shot from open_clip calls alone
 
 
+@pytest.mark.slow
 def test_demo_reports_real_measurements(tmp_path):
     out = tmp_path / "demo"
     results = json.loads(cli("demo", "--out", out, "--epochs", "2", "--views", "2", "--json").stdout)
@@ -20,6 +23,15 @@ def test_demo_reports_real_measurements(tmp_path):
     assert len(set(accuracy.values())) >= 5  # measured, not copied: methods differ
     assert accuracy["teacher zero-shot"] > accuracy["student zero-shot (before training)"] + 0.3
     assert results["test_images"] == 397
+    # The zero-shot figures are measured: open_clip alone, on the weights the demo expanded, agrees.
+    import open_clip
+
+    for who, name in (("teacher", "dho-tiny-teacher"), ("student", "dho-tiny-student")):
+        open_clip.add_model_config(MODEL_CONFIGS / f"{name}.json")
+        model = open_clip.create_model(name, pretrained=str(out / "weights" / f"tiny-{who}.safetensors")).eval()
+        measured = digit_zero_shot_accuracy(model, open_clip.get_tokenizer(name), "test")
+        reported = accuracy["teacher zero-shot" if who == "teacher" else "student zero-shot (before training)"]
+        assert reported == pytest.approx(measured, abs=1.5 / 397), who
     report = out / "report-10pct-seed0"
     for name in ("results.json", "report.md", "accuracy.png", "dho-training-loss.png", "dho-calibration.png"):
         assert (report / name).stat().st_size > 0, name

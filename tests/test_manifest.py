@@ -38,10 +38,11 @@ def test_manifest_records_keys_labels_locations_and_fingerprints(tmp_path):
 
 @pytest.mark.parametrize("ext", ["png", "webp", "jpeg"])
 def test_manifest_accepts_image_formats_and_cls_labels(tmp_path, ext):
-    write_shards(tmp_path / "d", num_shards=1, per_shard=3, ext=ext)
+    [path] = write_shards(tmp_path / "d", num_shards=1, per_shard=3, ext=ext)
     cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m.json")
     shard = load_manifest(tmp_path / "m.json").shards[0]
-    assert shard.image_ext == ext and shard.labels is not None and len(shard.labels) == 3
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert shard.image_ext == ext and shard.labels == [int(s["cls"]) for s in samples]
 
 
 def test_manifest_without_labels(tmp_path):
@@ -99,8 +100,10 @@ def _jpeg():
 def test_manifest_refuses_malformed_shards(tmp_path, members, message):
     _tar(tmp_path / "bad.tar", members)
     result = cli("manifest", tmp_path / "bad.tar", "--out", tmp_path / "m.json", expect_exit=1)
-    assert message in result.output and "bad.tar" in result.output
-    assert len(result.output.strip().splitlines()) == 1 or "Error" in result.output.splitlines()[-1]
+    # One error line (after tqdm's progress bar), naming the shard and saying what is wrong.
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(errors) == 1 and errors[0] == result.output.splitlines()[-1], result.output
+    assert errors[0].startswith("Error: shard ") and message in errors[0] and "bad.tar" in errors[0]
     assert not (tmp_path / "m.json").exists()
 
 

@@ -61,7 +61,7 @@ def test_reference_counts_on_an_imagenet_sized_class_layout():
     one = draw_split(manifest, percent=1, seed=13)
     ten = draw_split(manifest, percent=10, seed=13)
     assert one.num_labeled == 13000 and set(Counter(np.array(labels)[one.labeled["all.tar"]]).values()) == {13}
-    assert ten.num_labeled == 128000
+    assert ten.num_labeled == 128000 and set(Counter(np.array(labels)[ten.labeled["all.tar"]]).values()) == {128}
 
 
 def test_split_from_a_list_of_image_names(manifest, tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import cached_dataset
+import webdataset as wds
+from helpers import cached_dataset, dump
 
 from dho_pipeline.cache_reader import CacheReader
 from dho_pipeline.manifest import load_manifest
 from dho_pipeline.split import load_split
+from dho_pipeline.views import decode_rgb, render_view
 from dho_pipeline.student_data import (
     IdStream, PreloadedRows, SampleTable, StudentBatches, _ImageReader, labeled_order, unlabeled_order,
 )
@@ -58,13 +60,26 @@ def test_any_batch_is_reachable_directly_so_resuming_needs_no_replay(data):
 
 
 def test_views_cycle_through_the_cached_views(data):
+    """Over 3 epochs each sample shows each of its 3 cached views once, and the student's pixels are the
+    very view (box and flip) whose teacher targets come with them, as `cache dump` lists it."""
+    cached = {record["key"]: record["views"] for record in dump(data["root"] / "c.zarr")}
+    images = {s["__key__"]: decode_rgb(s["jpg"]) for path in sorted((data["root"] / "shards").glob("*.tar"))
+              for s in wds.WebDataset(str(path), shardshuffle=False)}
     stream = IdStream(labeled_order(data["labeled"], 0, 0, 1), len(data["labeled"]))
     rows = PreloadedRows(data["cache"], data["table"], data["labeled"])
     dataset = StudentBatches(data["table"], stream, (32, 32), rows=rows, num_views=3)
-    seen = {}
+    shown = {}
     for batch_index in range(3):  # three labeled epochs
         batch = dataset._batch(_ImageReader(data["table"]), batch_index)
-        for sample_id, top in zip(batch["ids"].tolist(), batch["teacher"].topk_logit[:, 0].tolist()):
-            seen.setdefault(sample_id, []).append(top)
-    # Over 3 epochs with 3 views each sample showed 3 different views (different teacher logits).
-    assert all(len(set(tops)) == 3 for tops in seen.values())
+        teacher = batch["teacher"]
+        for j, key in enumerate(batch["keys"]):
+            box = [round(float(v) / 65535, 6) for v in batch["boxes"][j]]
+            flip = bool(batch["flips"][j])
+            [view] = [v for v, c in enumerate(cached[key]) if c["box"] == box and c["flip"] == flip]
+            assert teacher.topk_index[j].tolist() == cached[key][view]["topk_index"]
+            assert teacher.topk_logit[j].tolist() == cached[key][view]["topk_logit"]
+            assert teacher.log_partition[j].item() == pytest.approx(cached[key][view]["log_partition"]["2"])  # T = 2
+            expected = render_view(images[key], batch["boxes"][j].numpy().astype(np.uint16), flip, (32, 32))
+            assert np.array_equal(batch["pixels"][j].numpy(), expected)
+            shown.setdefault(key, []).append(view)
+    assert len(shown) == len(data["labeled"]) and all(sorted(views) == [0, 1, 2] for views in shown.values())

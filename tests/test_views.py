@@ -70,11 +70,12 @@ def test_views_are_deterministic_per_seed_shard_key_and_view():
 def test_random_views_follow_random_resized_crop():
     policy = ViewPolicy(num_views=2, seed=0, view0=VIEW0_WHOLE, crop_scale=(0.5, 1.0))
     width, height = 640, 480
-    areas, ratios, flips = [], [], []
+    areas, ratios, flips, ours = [], [], [], []
     for i in range(2000):
         boxes, flip = draw_views(policy, "s", f"k{i}", width, height)
         x0, y0, x1, y1 = box_fractions(boxes[1])
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        ours.append([x0, y0, x1, y1])
         areas.append((x1 - x0) * (y1 - y0))
         ratios.append((x1 - x0) * width / ((y1 - y0) * height))
         flips.append(flip[1])
@@ -82,6 +83,24 @@ def test_random_views_follow_random_resized_crop():
     assert areas.min() >= 0.5 - 1e-3 and areas.max() <= 1 + 1e-6
     assert ratios.min() >= 3 / 4 - 1e-2 and ratios.max() <= 4 / 3 + 1e-2
     assert 0.45 < np.mean(flips) < 0.55
+    # Distributed as torchvision's own RandomResizedCrop.get_params draws them (rejection sampling
+    # included): quantiles of area, aspect ratio and box centre agree.
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    image = Image.new("RGB", (width, height))
+    reference = []
+    for _ in range(2000):
+        top, left, h, w = RandomResizedCrop.get_params(image, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+        reference.append([left / width, top / height, (left + w) / width, (top + h) / height])
+
+    def summary(boxes):
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        return np.quantile([w * h, np.log(w * width / (h * height)), boxes[:, 0] + w / 2, boxes[:, 1] + h / 2],
+                           [0.1, 0.5, 0.9], axis=1)
+
+    assert np.abs(summary(np.array(ours)) - summary(np.array(reference))).max() < 0.03
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 200), (200, 3)])
@@ -90,4 +109,7 @@ def test_views_of_degenerate_images_stay_inside(size):
     boxes, _ = draw_views(policy, "s", "k", *size)
     image = Image.new("RGB", size, RED)
     for box in boxes:
-        assert render_view(image, box, False, (4, 4)).shape == (4, 4, 3)
+        x0, y0, x1, y1 = box_fractions(box)
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        # A box reaching outside the image would bring in PIL's black padding.
+        assert (render_view(image, box, False, (4, 4)) == RED).all()
