@@ -59,12 +59,17 @@ class TeacherRunner:
         self.batch_size = batch_size if compile else None
         self.model = torch.compile(self.teacher, dynamic=False) if compile else self.teacher
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: a batch padded in inference mode would be an inference tensor where
+    # full batches are not, and the compiled graph would be compiled a second time for it.
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         count = images.shape[0]
         if self.batch_size is not None:
             if count > self.batch_size:
                 return torch.cat([self(part) for part in images.split(self.batch_size)])
+            # One memory layout for full and padded batches alike (pixels arrive channels-last from
+            # HWC uint8): a compiled graph guards on strides and would compile again for the other.
+            images = images.contiguous()
             if count < self.batch_size:
                 images = torch.cat([images, images.new_zeros(self.batch_size - count, *images.shape[1:])])
         return self.model(images)[:count]
@@ -125,7 +130,6 @@ class OnlineTeacher:
         """TeacherTargets of a batch whose views were also rendered at the teacher's size."""
         from .cache_reader import TeacherTargets
 
-        # clone: the runner's inference-mode logits become an ordinary tensor that the loss may save
-        logits = self.runner(self.normalize(batch[f"pixels_{self.image_size[0]}"])).clone()
+        logits = self.runner(self.normalize(batch[f"pixels_{self.image_size[0]}"]))
         return TeacherTargets.from_logits(logits, temperature, keys=batch["keys"], boxes=batch["boxes"],
                                           flips=batch["flips"])

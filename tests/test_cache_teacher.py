@@ -459,7 +459,7 @@ def test_compiled_teacher_writes_the_same_cache(dataset):
     cli(*cache_args(dataset, eager, "--views", "2", "--batch-size", "8", "--no-compile"))
     assert counters["stats"]["unique_graphs"] == graphs
     cli(*cache_args(dataset, compiled, "--views", "2", "--batch-size", "8", "--compile"))
-    assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the teacher
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # compiled once: padded short batches reuse the graph
     assert_same_cached_views(dump(eager), dump(compiled))
 
 
