@@ -83,10 +83,12 @@ def manifest(**options):
 @main.command()
 @config_options(shard_stage.Config)
 def shard(**options):
-    """Turn a class-folder tree (FOLDER/<class>/<image>) into WebDataset shards with .cls labels."""
+    """Turn a class-folder tree (FOLDER/<class>/<image>), or a CoOp split, into WebDataset shards with .cls labels."""
     result = shard_stage.run(make_config(shard_stage.Config, given(options)))
     skipped = f"; {result['skipped']} non-image file(s) skipped" if result["skipped"] else ""
-    click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images of {result['classes']} classes{skipped}")
+    parts = " (" + ", ".join(f"{n} {part}" for part, n in result["parts"].items()) + ")" if "parts" in result else ""
+    click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images{parts} of {result['classes']} "
+               f"classes{skipped}" + (f"; class names in {result['classnames']}" if "classnames" in result else ""))
 
 
 @main.command("cache-teacher")
