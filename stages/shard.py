@@ -28,7 +28,8 @@ class Config:
     folder: Path = setting(argument=True, help="A class-folder tree: FOLDER/<class>/<image>.")
     out: str = setting(help="Shard path pattern with a %d placeholder, e.g. shards/train-%06d.tar.")
     classes: Path | None = setting(None, default_text="sorted folder names",
-                                   help="Class folder names in label order, one per line.")
+                                   help="Class folder names in label order, one per line; 'imagenet': ImageNet's "
+                                   "1000 WordNet ids (also for Sketch, A, R).")
     maxcount: int = setting(1000, help="Samples per shard at most.")
     maxsize: float = setting(1e9, help="Bytes per shard at most.")
     seed: int = setting(0, help="Seed of the sample order (a shuffle of the sorted file list).")
@@ -42,10 +43,17 @@ def run(config: Config) -> dict:
 
     if config.coop_split is not None:
         return _coop(config)
-    class_list = read_lines(config.classes, "class-list") if config.classes else None
+    class_list = read_lines(_class_list_file(config.classes), "class-list") if config.classes else None
     samples, classes, skipped = folder_samples(Path(config.folder), class_list)
     paths = write_shards(shuffled(samples, config.seed), config.out, maxcount=config.maxcount, maxsize=config.maxsize)
     return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped}
+
+
+def _class_list_file(classes: Path) -> Path:
+    """A class-list file, or `imagenet` for the WordNet ids that ship (manifests/imagenet_wnids.txt)."""
+    from dho_pipeline.package_data import IMAGENET_WNIDS
+
+    return IMAGENET_WNIDS if str(classes) == "imagenet" and not Path(classes).exists() else Path(classes)
 
 
 def _coop(config: Config) -> dict:
