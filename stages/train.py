@@ -1,9 +1,11 @@
-"""Stage two: train a dual-head CLIP student against a teacher cache (DHO, arXiv 2505.07675).
+"""Stage two: train a dual-head student against a teacher cache (DHO, arXiv 2505.07675).
 
     dho-pipeline train --cache C.zarr --manifest M.json --split S.json --out runs/b16-1pct
     torchrun --nproc_per_node 8 --no-python dho-pipeline train --config vit-b16-1pct ...
 
-The teacher is never loaded: its outputs come from the cache, per view. Each optimiser step takes
+The student is a CLIP image tower or any timm model (`--student timm:NAME`, dho_pipeline.backbones) with
+`--head cosine` or `linear` heads (dho_pipeline.student). The teacher is never loaded: its outputs come
+from the cache, per view. Each optimiser step takes
 `batch_size` labeled and `batch_size` unlabeled samples (global, over all processes and accumulation
 micro-steps); an epoch is one pass over the unlabeled set, the labeled stream cycles. The losses are
 the library's (dho_pipeline.objectives): for DHO, CE(ce_head(x_l), y) + KD(kd_head(x_l)) + KD(kd_head(x_u)).
