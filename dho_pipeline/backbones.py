@@ -32,7 +32,6 @@ import torch
 from .clip_models import LoadedClip, Preprocess, _hub_reachable, load_clip
 from .errors import UserError
 from .hashing import weights_fingerprint
-from .views import RESIZE_MODES
 
 FAMILIES = ("open_clip", "timm")
 TIMM_PREFIX = "timm:"
@@ -192,8 +191,7 @@ def resolve_timm_weights(name: str, pretrained: str) -> tuple[str, str | None]:
 def _timm_preprocess(model) -> Preprocess:
     cfg = _timm().data.resolve_model_data_config(model)
     _, height, width = cfg["input_size"]
-    resize_mode = "squash" if cfg.get("crop_mode") == "squash" else "shortest"
-    assert resize_mode in RESIZE_MODES
+    resize_mode = "squash" if cfg.get("crop_mode") == "squash" else "shortest"  # recorded; timm's "border" is neither
     return Preprocess(image_size=(int(height), int(width)), resize_mode=resize_mode,
                       interpolation=str(cfg["interpolation"]), mean=tuple(float(v) for v in cfg["mean"]),
                       std=tuple(float(v) for v in cfg["std"]), crop_fraction=float(cfg.get("crop_pct") or 1.0))
