@@ -47,20 +47,27 @@ class Preprocess:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # The evaluation view: the centred square of this share of the shorter side (timm's crop_pct: resize
+    # the shorter side to size / crop_pct, centre-crop size). 1.0, the whole centred square, for CLIP.
+    crop_fraction: float = 1.0
 
     def to_json(self) -> dict:
-        return {
+        value = {
             "image_size": list(self.image_size),
             "resize_mode": self.resize_mode,
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.crop_fraction != 1.0:  # absent means 1.0: files and cache specs written before stay identical
+            value["crop_fraction"] = self.crop_fraction
+        return value
 
     @classmethod
     def from_json(cls, value: dict) -> "Preprocess":
         return cls(image_size=tuple(value["image_size"]), resize_mode=value["resize_mode"],
-                   interpolation=value["interpolation"], mean=tuple(value["mean"]), std=tuple(value["std"]))
+                   interpolation=value["interpolation"], mean=tuple(value["mean"]), std=tuple(value["std"]),
+                   crop_fraction=float(value.get("crop_fraction", 1.0)))
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Blank lines and lines starting with `#` are ignored; a line ends at LF, CRLF or CR, and an entry
 holding a control character (a form feed, NEL, ...) is refused. A template holds exactly one `{}`,
-where the class name goes (`a photo of the large {}.`). Class names may repeat (CLIP's ImageNet names
-do: "sunglasses").
+where the class name goes (`a photo of the large {}.`). A templates argument may also name a set that
+ships with the package (manifests/templates/: `imagenet`, `oxford_pets`, `eurosat`, ...). Class names
+may repeat (CLIP's ImageNet names do: "sunglasses").
 """
 
 from __future__ import annotations
@@ -47,7 +48,22 @@ def read_classnames(path: str | Path) -> list[str]:
     return read_lines(path, "class-names")
 
 
+def templates_file(path: str | Path) -> Path:
+    """A templates file, or the name of one that ships with the package (`oxford_pets`, `imagenet`, ...)."""
+    from .package_data import TEMPLATES, shipped_file, shipped_names
+
+    path = Path(path)
+    if path.exists():
+        return path
+    shipped = shipped_file(TEMPLATES, str(path))
+    if shipped is None and path.parent == Path(".") and not path.suffix:
+        raise UserError(f"templates {path} is neither a file nor a set that ships with dho-pipeline "
+                        f"({', '.join(shipped_names(TEMPLATES))})")
+    return shipped or path
+
+
 def read_templates(path: str | Path) -> list[str]:
+    path = templates_file(path)
     templates = read_lines(path, "templates")
     for number, template in enumerate(templates, start=1):
         if template.count("{}") != 1:

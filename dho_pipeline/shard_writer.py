@@ -52,14 +52,15 @@ def unique_keys(names: list[str]) -> list[str]:
 def folder_samples(root: Path, class_list: list[str] | None = None) -> tuple[list[SampleSource], list[str], int]:
     """Samples of `root/<class>/<image>`: (samples, class folder names in label order, files skipped).
 
-    Class order: `class_list` (folder names, in label order) if given, else sorted folder names.
+    Class order: `class_list` (folder names, in label order) if given, else sorted folder names; folders
+    all named by numbers (ImageNet-V2: 0..999) are labeled by their number, never sorted as strings.
     """
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; expected ROOT/<class>/<image> files")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
         raise UserError(f"{root} has no class folders; expected ROOT/<class>/<image> files")
-    classes = class_list if class_list is not None else folders
+    classes = class_list if class_list is not None else numbered_classes(folders) or folders
     label_of = {name: index for index, name in enumerate(classes)}
     unknown = [name for name in folders if name not in label_of]
     if unknown:
@@ -79,6 +80,14 @@ def folder_samples(root: Path, class_list: list[str] | None = None) -> tuple[lis
     keys = unique_keys([name for *_, name in files])
     samples = [SampleSource(key=k, ext=ext, label=label, path=path) for k, (path, ext, label, _) in zip(keys, files)]
     return samples, list(classes), skipped
+
+
+def numbered_classes(folders: list[str]) -> list[str] | None:
+    """Folders named 0, 1, 2, ... (ImageNet-V2) are their own labels: the class list 0..max, or None if
+    some folder is not a plain number."""
+    if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in folders):
+        return None  # zero-padded numbers sort as strings already
+    return [str(label) for label in range(max(int(name) for name in folders) + 1)]
 
 
 def shuffled(samples: list[SampleSource], seed: int) -> list[SampleSource]:

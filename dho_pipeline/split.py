@@ -155,6 +155,35 @@ def draw_split(manifest: Manifest, *, percent: float, seed: int, holdout_per_cla
     return _make(manifest, method, labeled_ids, holdout_ids)
 
 
+def draw_few_shot(manifest: Manifest, *, shots: int, seed: int, holdout_per_class: int = 0) -> Split:
+    """Exactly `shots` labeled images per class, the rest unlabeled (few-shot, as CoOp and DHO draw it).
+
+    Recorded as `"method": {"shots": N, "seed": S, "holdout_per_class": H, ...}`. Classes are 0..max label;
+    a class with fewer than `shots` images is refused, named by its label (the reference silently repeats
+    images of such a class). For each class in label order, `shots` of its images (in manifest order) are
+    drawn without replacement by numpy's generator seeded with `seed`; then `holdout_per_class` more from
+    the rest of the class, for calibration. Everything else is unlabeled.
+    """
+    if shots < 1:
+        raise UserError(f"--shots must be at least 1, not {shots}")
+    labels = all_labels(manifest)
+    per_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+    short = [c for c, ids in enumerate(per_class) if len(ids) < shots]
+    if short:
+        listed = ", ".join(map(str, short[:10])) + (", ..." if len(short) > 10 else "")
+        others = f" ({len(short)} classes are short: {listed})" if len(short) > 1 else ""
+        raise UserError(f"class {short[0]} has {len(per_class[short[0]])} images in the manifest, fewer than "
+                        f"--shots {shots}{others}; draw fewer shots")
+    rng = np.random.default_rng(seed)
+    labeled = [rng.choice(ids, size=shots, replace=False) for ids in per_class]
+    holdout = [np.zeros(0, np.int64)]
+    if holdout_per_class > 0:
+        rests = [np.setdiff1d(ids, drawn) for ids, drawn in zip(per_class, labeled)]
+        holdout = [rng.choice(rest, size=min(holdout_per_class, len(rest)), replace=False) for rest in rests]
+    method = {"shots": shots, "seed": seed, "holdout_per_class": holdout_per_class, "percent": None, "from_list": None}
+    return _make(manifest, method, np.concatenate(labeled), np.concatenate(holdout))
+
+
 def _ids_from_list(manifest: Manifest, names: list[str], list_name: str) -> np.ndarray:
     """Global ids of the samples a list names (image file names or keys, e.g. n01440764_10026.JPEG)."""
     from webdataset.tariterators import base_plus_ext

@@ -13,6 +13,10 @@ backbones were trained with OpenAI's `clip` package, whose image towers are open
 and give different outputs). `--student` names the architecture as the model card does (`ViT-B-16`,
 `ViT-L-14`, `ViT-L-14-336px`, `RN50`), or any open_clip model; when neither the checkpoint nor the user
 says, it is read off the weights' shapes.
+
+The metadata names the backbone's family (open_clip or timm, dho_pipeline.backbones) and head kind
+(cosine or linear); files written before those fields existed mean open_clip with cosine heads.
+`student_from_checkpoint` builds the recorded backbone (random init) and loads the file's weights into it.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_checkpoint_file, save_atomically, strip_module_prefix
-from .clip_models import Preprocess, load_clip
+from .backbones import FAMILIES, StudentSpec, build_backbone, default_head
+from .clip_models import Preprocess
 from .errors import UserError
-from .student import DualHeadStudent
+from .student import HEADS, DualHeadStudent
 
 FORMAT = "dho-pipeline-student"
 VERSION = 1
@@ -47,7 +52,7 @@ CARD_ARCHITECTURES = {
 class StudentMetadata:
     """What dho-pipeline records beside the released fields (the payload's `dho_pipeline` key)."""
 
-    model: str  # open_clip model name of the backbone
+    model: str  # the backbone's model name within its family (open_clip name, or timm name with tag)
     pretrained: str  # the weights it started from
     preprocess: Preprocess
     classnames: list[str]
@@ -60,11 +65,15 @@ class StudentMetadata:
     finished: bool
     labeled_keys: list[str]  # so that `calibrate` can refuse images the student was trained on as labeled
     calibrated_on: dict | None = None  # set by `calibrate`: data, split, sample count, overlap
+    # Added after version 1's first files, which lack them and mean open_clip with cosine heads.
+    family: str = "open_clip"  # backbones.FAMILIES: how `model` is built
+    head: str = "cosine"  # student.HEADS
 
     def to_payload(self) -> dict:
         return {
             "format": FORMAT, "version": VERSION,
-            "student": {"model": self.model, "pretrained": self.pretrained, "preprocess": self.preprocess.to_json()},
+            "student": {"model": self.model, "pretrained": self.pretrained, "preprocess": self.preprocess.to_json(),
+                        "family": self.family, "head": self.head},
             "classnames": list(self.classnames), "templates": list(self.templates), "config": self.config,
             "cache_fingerprint": self.cache_fingerprint, "manifest_fingerprint": self.manifest_fingerprint,
             "split_fingerprint": self.split_fingerprint, "steps": self.steps, "finished": self.finished,
@@ -86,10 +95,13 @@ class StudentMetadata:
                 templates=raw["templates"], config=raw["config"], cache_fingerprint=raw["cache_fingerprint"],
                 manifest_fingerprint=raw["manifest_fingerprint"], split_fingerprint=raw["split_fingerprint"],
                 steps=raw["steps"], finished=raw["finished"], labeled_keys=raw["labeled_keys"],
-                calibrated_on=raw["calibrated_on"],
+                calibrated_on=raw["calibrated_on"], family=student.get("family", "open_clip"),
+                head=student.get("head", "cosine"),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise UserError(f"{where} is malformed ({type(error).__name__}: {error})") from None
+        if metadata.family not in FAMILIES or metadata.head not in HEADS:
+            raise UserError(f"{where} names an unknown backbone family {metadata.family!r} or head {metadata.head!r}")
         if not (isinstance(metadata.model, str) and _strings(metadata.classnames) and _strings(metadata.labeled_keys)):
             raise UserError(f"{where} is malformed (model, classnames or labeled_keys of the wrong type)")
         return metadata
@@ -164,12 +176,13 @@ class LoadedStudent:
     """A student ready to run: the model (CPU, eval mode) and everything needed to feed and read it."""
 
     model: DualHeadStudent
-    architecture: str  # open_clip model name
+    architecture: str  # as --student names it: an open_clip model name, or timm:NAME
     classnames: list[str]
     preprocess: Preprocess
     alpha: float
     beta: float
     checkpoint: StudentCheckpoint
+    head: str = "cosine"  # student.HEADS
 
 
 def detect_architecture(state: dict) -> str | None:
@@ -208,31 +221,43 @@ def _classnames_for(path: Path, num_classes: int, metadata: StudentMetadata | No
 def load_student(path: str | Path, *, student: str | None = None, classnames: list[str] | None = None) -> LoadedStudent:
     """A dual-head student from a checkpoint file, on the CPU, in eval mode."""
     path = Path(path)
-    checkpoint = StudentCheckpoint.load(path)
+    return student_from_checkpoint(StudentCheckpoint.load(path), path, student=student, classnames=classnames)
+
+
+def student_from_checkpoint(checkpoint: StudentCheckpoint, path: Path, *, student: str | None = None,
+                            classnames: list[str] | None = None) -> LoadedStudent:
+    """Build the architecture a checkpoint records (or `student` names, or its weights' shapes show) and
+    load its weights. `path` only names the checkpoint in messages."""
     state, metadata = checkpoint.state_dict, checkpoint.metadata
-    recorded = metadata.model if metadata else None
-    architecture = student or recorded or detect_architecture(state)
-    if architecture is None:
-        raise UserError(f"checkpoint {path} does not say its architecture and its shapes are not a known one; pass --student")
-    name = CARD_ARCHITECTURES.get(architecture, architecture)
-    loaded = load_clip(name, "none", resize=None if recorded else "shortest")
+    if student is not None:
+        spec = StudentSpec.parse(CARD_ARCHITECTURES.get(student, student))
+    elif metadata is not None:
+        spec = StudentSpec(metadata.family, metadata.model)
+    else:
+        detected = detect_architecture(state)
+        if detected is None:
+            raise UserError(f"checkpoint {path} does not say its architecture and its shapes are not a known one; pass --student")
+        spec = StudentSpec.parse(CARD_ARCHITECTURES[detected])
+    head = metadata.head if metadata else default_head(spec.family)
+    # Released files (no metadata) came from OpenAI's CLIP: resize the shortest side and centre-crop.
+    backbone = build_backbone(str(spec), "none", resize=None if metadata else "shortest")
     num_classes, feature_dim = state["ce_head.weight"].shape
     names = _classnames_for(path, num_classes, metadata, classnames)
-    model = DualHeadStudent(loaded.model.visual, feature_dim, num_classes)
+    model = DualHeadStudent(backbone.module, feature_dim, num_classes, head=head)
     try:
         problems = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, other shapes
         first = str(error).strip().splitlines()[-1].strip()
-        raise UserError(f"checkpoint {path} does not fit {name} ({first}); pass the right --student") from None
+        raise UserError(f"checkpoint {path} does not fit {spec} ({first}); pass the right --student") from None
     if problems.missing_keys or problems.unexpected_keys:
         sample = (problems.missing_keys or problems.unexpected_keys)[0]
         raise UserError(
-            f"checkpoint {path} does not fit {name} ({len(problems.missing_keys)} missing, "
+            f"checkpoint {path} does not fit {spec} ({len(problems.missing_keys)} missing, "
             f"{len(problems.unexpected_keys)} unexpected weights, e.g. {sample}); pass the right --student"
         )
     model.eval()
     return LoadedStudent(
-        model=model, architecture=name, classnames=names,
-        preprocess=metadata.preprocess if metadata else loaded.preprocess,
-        alpha=checkpoint.alpha, beta=checkpoint.beta, checkpoint=checkpoint,
+        model=model, architecture=str(spec), classnames=names,
+        preprocess=metadata.preprocess if metadata else backbone.preprocess,
+        alpha=checkpoint.alpha, beta=checkpoint.beta, checkpoint=checkpoint, head=head,
     )

@@ -240,14 +240,16 @@ class StudentBatches(IterableDataset):
     """Batches of student views (uint8 HWC) with labels and, when `rows` is given, teacher targets.
 
     With `rows` each sample shows a cached view; with `online_views`, a fresh view per stream epoch
-    (for a teacher run online); with neither, its centred square, the student's evaluation view.
+    (for a teacher run online); with neither, the student's evaluation view: its centred square
+    (`eval_crop` of the shorter side).
     `extra_sizes` renders the same views at more sizes (an online teacher's input) as "pixels_<h>".
     """
 
     def __init__(self, table: SampleTable, stream, image_size: tuple[int, int], *, rows=None, num_views: int = 1,
                  first_batch: int = 0, num_batches: int | None = None, extra_sizes: tuple = (),
-                 online_views: ViewPolicy | None = None):
+                 online_views: ViewPolicy | None = None, eval_crop: float = 1.0):
         self.table, self.stream, self.image_size, self.rows = table, stream, image_size, rows
+        self.eval_crop = eval_crop
         self.num_views, self.first_batch, self.num_batches = num_views, first_batch, num_batches
         self.extra_sizes, self.online_views = extra_sizes, online_views
 
@@ -271,7 +273,7 @@ class StudentBatches(IterableDataset):
             ]
             return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn]), None
         if self.rows is None:
-            return np.stack([center_box(*image.size) for image in images]), np.zeros(n, bool), None
+            return np.stack([center_box(*image.size, self.eval_crop) for image in images]), np.zeros(n, bool), None
         views = np.array([
             (epoch + _view_offset(self.table.shard_names[self.table.shard[i]], self.table.key(i))) % self.num_views
             for i, epoch in zip(sample_ids, epochs)

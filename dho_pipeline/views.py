@@ -119,9 +119,16 @@ def draw_views(policy: ViewPolicy, shard_name: str, key: str, width: int, height
     return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn], dtype=bool)
 
 
-def center_box(width: int, height: int) -> np.ndarray:
-    """The centred square (uint16 box): a CLIP student's evaluation view, resize-shortest + centre-crop."""
-    return quantize_box(*_view0_box(width, height, VIEW0_CENTER_SQUARE), width, height)
+def center_box(width: int, height: int, fraction: float = 1.0) -> np.ndarray:
+    """The centred square (uint16 box): a student's evaluation view, resize-shortest + centre-crop. With
+    `fraction` < 1 the square's side is that share of the shorter side (timm's crop_pct: resize the
+    shorter side to size / crop_pct, then centre-crop size)."""
+    x0, y0, x1, y1 = _view0_box(width, height, VIEW0_CENTER_SQUARE)
+    if fraction != 1.0:
+        side = min(width, height) * fraction
+        x0, y0 = (width - side) / 2, (height - side) / 2
+        x1, y1 = x0 + side, y0 + side
+    return quantize_box(x0, y0, x1, y1, width, height)
 
 
 def box_fractions(box: np.ndarray) -> list[float]:

@@ -41,7 +41,8 @@ class Config:
     classnames: Path = setting(IMAGENET_CLASSNAMES, default_text="ImageNet's 1000 CLIP class names",
                                help="Class names, one per line, in label order.")
     templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
-                              help="Prompt templates, one per line, with {} where the class name goes.")
+                              help="Prompt templates, one per line, with {} where the class name goes; or a "
+                              "set that ships (imagenet, oxford_pets, eurosat, ...).")
     views: int = setting(1, help="Views per image; view 0 is the teacher's own evaluation view.")
     topk: int | None = setting(100, type=IntOrAll(),
                                help="Logits kept per view, or 'all' (k = 100: BENCHMARKS.md, KD fidelity).")

@@ -24,6 +24,7 @@ from . import demo as demo_stage
 from . import evaluate as evaluate_stage
 from . import export as export_stage
 from . import manifest as manifest_stage
+from . import ood as ood_stage
 from . import predict as predict_stage
 from . import pretrain_demo as pretrain_demo_stage
 from . import shard as shard_stage
@@ -83,10 +84,12 @@ def manifest(**options):
 @main.command()
 @config_options(shard_stage.Config)
 def shard(**options):
-    """Turn a class-folder tree (FOLDER/<class>/<image>) into WebDataset shards with .cls labels."""
+    """Turn a class-folder tree (FOLDER/<class>/<image>), or a CoOp split, into WebDataset shards with .cls labels."""
     result = shard_stage.run(make_config(shard_stage.Config, given(options)))
     skipped = f"; {result['skipped']} non-image file(s) skipped" if result["skipped"] else ""
-    click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images of {result['classes']} classes{skipped}")
+    parts = " (" + ", ".join(f"{n} {part}" for part, n in result["parts"].items()) + ")" if "parts" in result else ""
+    click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images{parts} of {result['classes']} "
+               f"classes{skipped}" + (f"; class names in {result['classnames']}" if "classnames" in result else ""))
 
 
 @main.command("cache-teacher")
@@ -141,6 +144,16 @@ def evaluate(as_json, **options):
     report = evaluate_stage.run(make_config(evaluate_stage.Config, given(options)))
     if _is_main_rank():
         click.echo(json.dumps(report, indent=2) if as_json else evaluate_stage.format_report(report))
+
+
+@main.command("evaluate-ood")
+@config_options(ood_stage.Config)
+def evaluate_ood(**options):
+    """ImageNet and its shifted sets (V2, Sketch, A, R) in one table: OUT/ood.txt and OUT/ood.json."""
+    summary = ood_stage.run(make_config(ood_stage.Config, given(options)))
+    if _is_main_rank():
+        click.echo(ood_stage.format_table(summary))
+        click.echo(f"wrote {Path(options['out']) / 'ood.txt'} and {Path(options['out']) / 'ood.json'}")
 
 
 @main.command()

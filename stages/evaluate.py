@@ -1,7 +1,11 @@
 """Evaluate a student checkpoint: top-1/top-5, NLL and calibration error of each head and of the mix.
 
     dho-pipeline evaluate --checkpoint runs/b16/student.pt --data data/imagenet-val.json [--json]
+    dho-pipeline evaluate --checkpoint runs/b16/student.pt --data data/imagenet-a.json --class-subset imagenet-a
     torchrun --nproc_per_node 8 --no-python dho-pipeline evaluate ...   # each sample counted once
+
+`--class-subset` restricts both heads' logits to some of the classes before the mix
+(dho_pipeline.class_subsets); `evaluate-ood` runs ImageNet and its shifted sets into one table.
 
 Released checkpoints (vit_b_1.pt, ...) work too; `--student` names their architecture if needed.
 """
@@ -32,6 +36,8 @@ class Config:
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
     precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
                                     help="Autocast precision.")
+    class_subset: str | None = setting(None, help="Only these classes: imagenet-a, imagenet-r, or a file of WordNet "
+                                       "ids or class indices (both heads' logits restricted before the mix).")
 
 
 def load_inputs(config):
@@ -53,33 +59,54 @@ def load_inputs(config):
 
 
 def run(config: Config) -> dict:
+    loaded, manifest, state, device, precision = load_inputs(config)
+    report = evaluate_loaded(loaded, manifest, state=state, device=device, precision=precision, alpha=config.alpha,
+                             beta=config.beta, class_subset=config.class_subset, batch_size=config.batch_size,
+                             workers=config.workers)
+    return {**report, "checkpoint": str(config.checkpoint)}
+
+
+def evaluate_loaded(loaded, manifest, *, state, device, precision, alpha, beta, class_subset, batch_size,
+                    workers) -> dict:
+    """The report of a loaded student on a manifest (alpha/beta None: the checkpoint's), on `class_subset`'s
+    classes only if given; under torchrun each process evaluates its share and the sums are reduced."""
     import numpy as np
 
+    from dho_pipeline.class_subsets import read_class_subset
     from dho_pipeline.evaluation import finish_statistics, student_logits_on, sufficient_statistics
 
     from .common import autocast, reduce_sum
 
-    loaded, manifest, state, device, precision = load_inputs(config)
-    alpha = loaded.alpha if config.alpha is None else config.alpha
-    beta = loaded.beta if config.beta is None else config.beta
+    alpha = loaded.alpha if alpha is None else alpha
+    beta = loaded.beta if beta is None else beta
     if not 0 <= alpha <= 1 or beta <= 0:
         raise UserError("--alpha must lie in [0, 1] and --beta be positive")
+    classnames = loaded.classnames
+    subset = read_class_subset(class_subset, len(classnames)) if class_subset else None
+    if subset is not None:  # refused before any image is read: data labeled outside the subset
+        keys = [(shard.name, key) for shard in manifest.shards for key in shard.keys]
+        labels = np.array([label for shard in manifest.shards for label in shard.labels], np.int64)
+        subset.positions(labels, where=lambda i: f"shard {keys[i][0]}, key {keys[i][1]!r}")
+        classnames = [classnames[i] for i in subset.indices]
     logits = student_logits_on(
         loaded, manifest, np.arange(manifest.num_samples), rank=state.process_index, world=state.num_processes,
-        batch_size=config.batch_size, workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
+        batch_size=batch_size, workers=workers, device=device, autocast=lambda: autocast(device, precision),
     )
-    num_classes = len(loaded.classnames)
+    if subset is not None:
+        logits = subset.restrict(logits)
+    num_classes = len(classnames)
     stats = reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes))
     report = finish_statistics(stats, num_classes)
-    report.update({"checkpoint": str(config.checkpoint), "architecture": loaded.architecture, "alpha": alpha,
-                   "beta": beta, "classnames": loaded.classnames})
+    report.update({"architecture": loaded.architecture, "alpha": alpha, "beta": beta, "classnames": classnames,
+                   "class_subset": subset.name if subset else None})
     return report
 
 
 def format_report(report: dict) -> str:
     lines = [
         f"checkpoint  {report['checkpoint']} ({report['architecture']}; alpha {report['alpha']:g}, beta {report['beta']:g})",
-        f"samples     {report['samples']}",
+        f"samples     {report['samples']}" + (f" (on the {len(report['classnames'])} classes of "
+                                              f"{report['class_subset']})" if report.get("class_subset") else ""),
         "",
         f"{'head':<6}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>8}",
     ]

@@ -47,8 +47,9 @@ def run(config: Config) -> dict:
     description = {
         "format": "dho-pipeline-student", "version": 1, "architecture": loaded.architecture,
         "preprocess": loaded.preprocess.to_json(), "alpha": loaded.alpha, "beta": loaded.beta,
-        "classnames": loaded.classnames, "weights": out.name,
-        "inference": "p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax(100 * kd_head(f / |f|) / beta)",
+        "classnames": loaded.classnames, "weights": out.name, "head": loaded.head,
+        "inference": "p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax(100 * kd_head(f / |f|) / beta)"
+        if loaded.head == "cosine" else "p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax(kd_head(f) / beta)",
     }
     sidecar.write_text(json.dumps(description, indent=2) + "\n")
     return {"weights": str(out), "description": str(sidecar)}

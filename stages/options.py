@@ -17,6 +17,8 @@ value and then the Config's default apply: the CLI never retypes a default.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -158,10 +160,30 @@ def make_config(config_class, settings: dict, where: str = "as options"):
     return config_class(**settings)
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_variables(value: str, path: Path, name: str) -> str:
+    """`${SHOTS}` and `${SEED:-1}` in a recipe's string value, from the environment (or the default)."""
+
+    def one(match: re.Match) -> str:
+        variable, default = match.group(1), match.group(2)
+        if variable in os.environ:
+            return os.environ[variable]
+        if default is not None:
+            return default
+        raise UserError(f"recipe {path}: {name} uses ${{{variable}}}; set it, e.g. "
+                        f"{variable}=... dho-pipeline train --config {path.stem}")
+
+    return _VARIABLE.sub(one, value)
+
+
 def read_recipe(path: Path, config_class, shipped: Path) -> dict:
     """Settings of `config_class` from a TOML recipe (a `[train]` table, or top-level keys; `about` is a
     description), found at `path` or, by name, among the recipes that ship in `shipped`. Paths are
-    relative to the working directory; lists become tuples where the Config wants tuples."""
+    relative to the working directory; lists become tuples where the Config wants tuples. A string value
+    may use environment variables, `${SHOTS}` or `${SEED:-1}` (with a default), also for numbers
+    (`epochs = "${EPOCHS}"`); an unset variable without a default is refused."""
     import tomllib
 
     path = Path(path)
@@ -182,6 +204,13 @@ def read_recipe(path: Path, config_class, shipped: Path) -> dict:
         raise UserError(f"recipe {path}: unknown setting(s) {', '.join(unknown)}")
     for name, value in recipe.items():
         kind, _ = _unwrap_optional(hints[name])
+        if isinstance(value, str) and "${" in value:
+            value = recipe[name] = _expand_variables(value, path, name)
+            if kind in (int, float):  # a number given through a variable
+                try:
+                    value = recipe[name] = kind(value)
+                except ValueError:
+                    raise UserError(f"recipe {path}: {name} = {value!r} is not a number") from None
         if kind is Path and isinstance(value, str):
             recipe[name] = Path(value)
         elif typing.get_origin(kind) is tuple and isinstance(value, list):

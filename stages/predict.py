@@ -2,8 +2,8 @@
 
     dho-pipeline predict --checkpoint vit_b_10.pt photo.jpg [more.png ...] [--topk 5] [--json]
 
-Each image: resize the shortest side and centre-crop to the student's input (bicubic), CLIP mean/std,
-both heads, combined with the checkpoint's alpha and beta.
+Each image: resize the shortest side and centre-crop to the student's input (bicubic; a timm student's
+crop_pct), the student's mean/std, both heads, combined with the checkpoint's alpha and beta.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def run(config: Config) -> list[dict]:
     classnames = read_classnames(config.classnames) if config.classnames else None
     loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pixels = np.stack([render_view(image, center_box(*image.size), False, loaded.preprocess.image_size) for image in images])
+    crop, size = loaded.preprocess.crop_fraction, loaded.preprocess.image_size
+    pixels = np.stack([render_view(image, center_box(*image.size, crop), False, size) for image in images])
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
     with torch.no_grad():
         ce_logits, kd_logits = loaded.model.to(device)(normalize(torch.from_numpy(pixels)))

@@ -2,6 +2,7 @@
 
     dho-pipeline split --manifest M.json --percent 1 --seed 13 --holdout 5 --out splits/1pct.json
     dho-pipeline split --manifest M.json --from-list 1percent.txt --out splits/simclr-1pct.json
+    dho-pipeline split --manifest M.json --shots 16 --seed 1 --out splits/16shot-seed1.json
 
 The labeled stream of `train` reads only the labeled images, straight from their byte offsets in the
 shards (recorded by the manifest), so it never scans the unlabeled data.
@@ -23,6 +24,7 @@ class Config:
     seed: int = setting(13, help="Seed of the draw (the reference uses 13).")
     holdout: int = setting(0, help="Labeled images per class held out for calibration, never trained on.")
     from_list: Path | None = setting(None, help="Use the images this file names (one per line) as the labeled set.")
+    shots: int | None = setting(None, help="Few-shot: exactly this many labeled images per class (instead of --percent).")
 
 
 def run(config: Config):
@@ -31,6 +33,10 @@ def run(config: Config):
     from dho_pipeline.prompts import read_lines
 
     manifest = load_manifest(config.manifest)
+    if config.shots is not None:
+        split = _few_shot(config, manifest)
+        save_split(split, Path(config.out))
+        return split
     names = read_lines(config.from_list, "image list") if config.from_list else None
     split = draw_split(
         manifest, percent=config.percent, seed=config.seed, holdout_per_class=config.holdout,
@@ -38,3 +44,12 @@ def run(config: Config):
     )
     save_split(split, Path(config.out))
     return split
+
+
+def _few_shot(config: Config, manifest):
+    from dho_pipeline.errors import UserError
+    from dho_pipeline.split import draw_few_shot
+
+    if config.from_list is not None:
+        raise UserError("--shots and --from-list each choose the labeled set; give one of them")
+    return draw_few_shot(manifest, shots=config.shots, seed=config.seed, holdout_per_class=config.holdout)

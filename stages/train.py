@@ -1,9 +1,11 @@
-"""Stage two: train a dual-head CLIP student against a teacher cache (DHO, arXiv 2505.07675).
+"""Stage two: train a dual-head student against a teacher cache (DHO, arXiv 2505.07675).
 
     dho-pipeline train --cache C.zarr --manifest M.json --split S.json --out runs/b16-1pct
     torchrun --nproc_per_node 8 --no-python dho-pipeline train --config vit-b16-1pct ...
 
-The teacher is never loaded: its outputs come from the cache, per view. Each optimiser step takes
+The student is a CLIP image tower or any timm model (`--student timm:NAME`, dho_pipeline.backbones) with
+`--head cosine` or `linear` heads (dho_pipeline.student). The teacher is never loaded: its outputs come
+from the cache, per view. Each optimiser step takes
 `batch_size` labeled and `batch_size` unlabeled samples (global, over all processes and accumulation
 micro-steps); an epoch is one pass over the unlabeled set, the labeled stream cycles. The losses are
 the library's (dho_pipeline.objectives): for DHO, CE(ce_head(x_l), y) + KD(kd_head(x_l)) + KD(kd_head(x_u)).
@@ -15,6 +17,7 @@ Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/`, `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -35,8 +38,14 @@ class Config:
     manifest: Path = setting(help="Manifest the cache was built from.")
     split: Path = setting(help="Label split (from split).")
     out: Path = setting(help="Run directory.")
-    student: str = setting("ViT-B-16-quickgelu", help="open_clip model name or model-config JSON.")
-    pretrained: str = setting("openai", help="open_clip tag, local weights file, or 'none'.")
+    student: str = setting("ViT-B-16-quickgelu", help="open_clip model name or model-config JSON, or timm:NAME "
+                           "(any timm model, e.g. timm:resnet18).")
+    pretrained: str | None = setting(None, default_text="openai; for timm:NAME, timm's default tag",
+                                     help="open_clip or timm tag, local weights file, or 'none'.")
+    head: str | None = setting(None, choices=("cosine", "linear"), default_text="cosine; for timm:NAME, linear",
+                               help="Heads: cosine (kd_head(normalize(f)) * 100, ImageNet) or linear (few-shot).")
+    eval_crop: float | None = setting(None, default_text="the student's own (timm's crop_pct; 1 for CLIP)",
+                                      help="Evaluation view: centred square of this share of the shorter side.")
     objective: str = setting("dho", choices=OBJECTIVES, help="What the student learns from (dho_pipeline.objectives).")
     tail: str = setting("bucket", choices=("bucket", "uniform"), help="Teacher mass outside the cached top-k.")
     temperature: float = setting(2.0, help="KD temperature; the cache must hold it (or every logit).")
@@ -73,6 +82,17 @@ class Config:
                                               help="Online teacher: RandomResizedCrop area range of the views.")
 
     def __post_init__(self):
+        from dho_pipeline.backbones import StudentSpec, default_head, default_pretrained
+
+        # Defaults that depend on the student's family are resolved here, so config.json records them.
+        if self.pretrained is None:
+            object.__setattr__(self, "pretrained", default_pretrained(self.student))
+        if self.head is None:
+            object.__setattr__(self, "head", default_head(StudentSpec.parse(self.student).family))
+        if self.head not in ("cosine", "linear"):
+            raise UserError(f"--head must be 'cosine' or 'linear', not {self.head!r}")
+        if self.eval_crop is not None and not 0 < self.eval_crop <= 1:
+            raise UserError(f"--eval-crop must lie in (0, 1], not {self.eval_crop}")
         if self.objective not in OBJECTIVES:
             raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.tail not in ("bucket", "uniform"):
@@ -98,7 +118,7 @@ class Config:
 
 
 # Settings that shape the training trajectory: a resumed run must not change them.
-_TRAJECTORY = ("student", "pretrained", "objective", "tail", "temperature", "loss_weights", "epochs",
+_TRAJECTORY = ("student", "pretrained", "head", "objective", "tail", "temperature", "loss_weights", "epochs",
                "batch_size", "lr", "weight_decay", "warmup_steps", "grad_accum", "seed", "teacher_online",
                "teacher", "teacher_pretrained", "crop_scale")
 
@@ -178,7 +198,7 @@ def run(config: Config) -> dict:
     from tqdm import tqdm
 
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
-    from dho_pipeline.clip_models import load_clip
+    from dho_pipeline.backbones import build_backbone
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.schedule import StepPlan, warmup_cosine
     from dho_pipeline.student import build_student
@@ -198,7 +218,7 @@ def run(config: Config) -> dict:
         raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     if config.resume and (out / "config.json").exists():
         previous = json.loads((out / "config.json").read_text())
-        changed = [k for k in _TRAJECTORY if previous.get(k) != config.to_json()[k]]
+        changed = [k for k in _TRAJECTORY if k in previous and previous[k] != config.to_json()[k]]
         if changed:
             raise UserError(f"--resume: {out} was trained with different {', '.join(changed)}; resume with the same settings")
     state.wait_for_everyone()
@@ -216,11 +236,13 @@ def run(config: Config) -> dict:
         (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     # ---- model and optimiser ----------------------------------------------------------------------
-    loaded = load_clip(config.student, config.pretrained)
-    student = build_student(loaded, classnames, templates, device=device)
-    normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
-    student_preprocess = loaded.preprocess
-    del loaded
+    backbone = build_backbone(config.student, config.pretrained)
+    student = build_student(backbone, classnames, templates, head=config.head, device=device)
+    student_spec, student_preprocess = backbone.spec, backbone.preprocess
+    if config.eval_crop is not None:
+        student_preprocess = dataclasses.replace(student_preprocess, crop_fraction=config.eval_crop)
+    normalize = Normalizer(student_preprocess.mean, student_preprocess.std, device)
+    del backbone
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     # ---- resume: model, optimiser and data position from the newest complete checkpoint ------------
@@ -253,7 +275,7 @@ def run(config: Config) -> dict:
     )
     plan = StepPlan.of(num_unlabeled=counts["unlabeled"], batch_size=config.batch_size, epochs=config.epochs)
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
-    evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess.image_size, classnames)
+    evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess, classnames)
     if accelerator.is_main_process:
         log.info(
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
@@ -324,7 +346,8 @@ def run(config: Config) -> dict:
     summary = {"steps": step, "total_steps": plan.total_steps, "finished": finished, "epoch": epoch,
                "eval": last_eval, **counts}
     if accelerator.is_main_process:
-        _student_checkpoint(config, accelerator.unwrap_model(student), student_preprocess, classnames, templates,
+        _student_checkpoint(config, accelerator.unwrap_model(student), student_spec, student_preprocess, classnames,
+                            templates,
                             reader, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
                             ).save(out / "student.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -356,14 +379,15 @@ def _save_training_state(accelerator, out, config, student, optimizer, step, pos
     accelerator.wait_for_everyone()
 
 
-def _student_checkpoint(config, student, preprocess, classnames, templates, reader, manifest, split, table,
+def _student_checkpoint(config, student, spec, preprocess, classnames, templates, reader, manifest, split, table,
                         labeled_ids, step, finished, epoch, last_eval):
     """student.pt: the released format, with what this run was (architecture, data, fingerprints)."""
     from dho_pipeline.hashing import fingerprint_json
     from dho_pipeline.student_checkpoint import PAPER_ALPHA_BETA, StudentCheckpoint, StudentMetadata
 
     metadata = StudentMetadata(
-        model=config.student, pretrained=config.pretrained, preprocess=preprocess, classnames=list(classnames),
+        model=spec.name, family=spec.family, head=config.head, pretrained=config.pretrained, preprocess=preprocess,
+        classnames=list(classnames),
         templates=list(templates), config=config.to_json(),
         cache_fingerprint=fingerprint_json(reader.spec.to_attrs()) if reader else None,
         manifest_fingerprint=manifest.fingerprint, split_fingerprint=split.fingerprint, steps=step, finished=finished,
@@ -385,7 +409,7 @@ def _online_teacher(config: Config, classnames, templates, device, precision, co
     return OnlineTeacher(loaded, seed=config.seed, crop_scale=config.crop_scale, device=device)
 
 
-def _evaluator(config: Config, accelerator, student, normalize, student_size, classnames):
+def _evaluator(config: Config, accelerator, student, normalize, preprocess, classnames):
     """A function that evaluates each head and the alpha = beta = 0.5 mix on --eval-data (each sample once
     across ranks), or None."""
     if config.eval_data is None:
@@ -403,9 +427,9 @@ def _evaluator(config: Config, accelerator, student, normalize, student_size, cl
 
     def evaluate() -> dict:
         logits = logits_on_samples(
-            student, table, np.arange(len(table.label)), student_size, normalize, rank=accelerator.process_index,
-            world=accelerator.num_processes, batch_size=config.eval_batch_size, workers=config.workers,
-            autocast=accelerator.autocast,
+            student, table, np.arange(len(table.label)), preprocess.image_size, normalize,
+            rank=accelerator.process_index, world=accelerator.num_processes, batch_size=config.eval_batch_size,
+            workers=config.workers, autocast=accelerator.autocast, crop=preprocess.crop_fraction,
         )
         stats = reduce_sum(accelerator.state, sufficient_statistics(logits, 0.5, 0.5, len(classnames)))
         report = finish_statistics(stats, len(classnames))

@@ -60,6 +60,12 @@ def test_wheel_installs_and_finds_its_defaults_outside_the_repository(tmp_path):
          "--pretrained", "none", "--workers", "0", cwd=work)
     info = json.loads(_run(cli, "cache", "info", "c.zarr", "--json", cwd=work).stdout)
     assert info["num_classes"] == 1000 and info["num_templates"] == 7 and info["complete_shards"] == 1
+    # The data sets' templates and ImageNet-A/R's class lists ship too, found by name.
+    shipped_lists = _run(venv / "bin" / "python", "-c", "from dho_pipeline.prompts import read_templates; "
+                         "from dho_pipeline.class_subsets import read_class_subset as r; "
+                         "print(read_templates('oxford_pets'), len(r('imagenet-a', 1000)), len(r('imagenet-r', 1000)))",
+                         cwd=work)
+    assert shipped_lists.stdout.split() == ["['a", "photo", "of", "a", "{},", "a", "type", "of", "pet.']", "200", "200"]
     # A recipe that ships with the package is found by name (it then asks for the ImageNet manifest it names).
     shipped = _run(cli, "train", "--config", "vit-b16-1pct", cwd=work, check=False)
     assert shipped.returncode == 1 and "data/imagenet-train.json does not exist" in shipped.stderr, shipped.stderr

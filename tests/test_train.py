@@ -257,6 +257,7 @@ def test_shipped_recipes_are_complete_configs():
     from dho_pipeline.stages.train import Config, load_recipe
 
     recipes = sorted(Path(__file__).parent.parent.glob("manifests/recipes/*.toml"))
+    recipes = [r for r in recipes if not r.name.startswith("fewshot-")]  # test_fewshot_recipes.py checks those
     assert len(recipes) >= 4
     for recipe in recipes:
         config = Config(**load_recipe(recipe))
