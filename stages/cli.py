@@ -176,9 +176,17 @@ def calibrate(**options):
 @main.command()
 @config_options(export_stage.Config)
 def export(**options):
-    """Write a checkpoint's weights as safetensors plus a JSON of alpha, beta, classes and architecture."""
+    """Write a student as an open_clip folder (with a model card), ONNX, or safetensors plus JSON."""
     result = export_stage.run(make_config(export_stage.Config, given(options)))
-    click.echo(f"wrote {result['weights']} and {result['description']}")
+    if "folder" in result:
+        click.echo(f"wrote {result['folder']}/ (open_clip: local-dir:{result['folder']}; text tower "
+                   f"{result['text_tower']['model']} / {result['text_tower']['weights']}); upload with "
+                   f"`hf upload REPO {result['folder']}`")
+    elif "onnx" in result:
+        click.echo(f"wrote {result['onnx']} (opset {result['opset']}; input image [batch, 3, H, W]; outputs probs, "
+                   "ce_logits, kd_logits)")
+    else:
+        click.echo(f"wrote {result['weights']} and {result['description']}")
 
 
 @main.group()

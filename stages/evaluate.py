@@ -19,7 +19,8 @@ from .options import setting
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path = setting(help="Student checkpoint (ours or a released one).")
+    checkpoint: Path = setting(help="Student: a checkpoint (ours or a released one), an open_clip export folder, "
+                                    "or a .safetensors export with its .json.")
     data: tuple[str, ...] = setting(help="A manifest (.json) or shards; repeatable.")
     student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
                                   "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
@@ -72,7 +73,8 @@ def run(config: Config) -> dict:
     stats = reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes))
     report = finish_statistics(stats, num_classes)
     report.update({"checkpoint": str(config.checkpoint), "architecture": loaded.architecture, "alpha": alpha,
-                   "beta": beta, "classnames": loaded.classnames})
+                   "beta": beta, "classnames": loaded.classnames, "data": list(config.data),
+                   "data_fingerprint": manifest.fingerprint})
     return report
 
 

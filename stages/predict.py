@@ -18,7 +18,8 @@ from .options import setting
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path = setting(help="Student checkpoint (ours or a released one).")
+    checkpoint: Path = setting(help="Student: a checkpoint (ours or a released one), an open_clip export folder, "
+                                    "or a .safetensors export with its .json.")
     images: tuple[Path, ...] = setting(argument=True, help="Image files.")
     topk: int = setting(5, help="Classes shown per image.")
     student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
