@@ -42,10 +42,10 @@ class ImagePreprocess:
         return render_view(image, center_box(*image.size), False, self.image_size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, H, W]."""
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        """uint8 [B, H, W, 3] -> float [B, 3, H, W], with the arithmetic `evaluate` uses."""
+        from .pixels import Normalizer
+
+        return Normalizer(self.mean, self.std, pixels.device)(pixels).contiguous()
 
     def __call__(self, image) -> torch.Tensor:
         return self.normalize(torch.from_numpy(self.pixels(image))[None])[0]

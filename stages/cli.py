@@ -147,15 +147,15 @@ def evaluate(as_json, **options):
 @config_options(predict_stage.Config)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def predict(as_json, **options):
-    """Classify IMAGES with the checkpoint's alpha and beta (the model card's inference path)."""
+    """Classify IMAGES (files, folders, glob patterns) with the student's alpha and beta."""
     results = predict_stage.run(make_config(predict_stage.Config, given(options)))
     if as_json:
         click.echo(json.dumps(results, indent=2))
-        return
-    for result in results:
-        click.echo(result["image"])
-        for p in result["predictions"]:
-            click.echo(f"  {p['class']:>5}  {p['probability']:7.4f}  {p['name']}")
+    elif options.get("output"):
+        errors = sum("error" in r for r in results)
+        click.echo(f"wrote {options['output']}: {len(results)} images" + (f", {errors} could not be read" if errors else ""))
+    else:
+        click.echo(predict_stage.format_results(results))
 
 
 @main.command()
