@@ -6,9 +6,11 @@
 - `pretrained`: an open_clip tag (`dfn5b`, `openai`), a local weights file, or `none` (random init,
   seeded, for tests).
 
-Weights for a tag are taken from the local Hugging Face cache when present. When they are not and
-the hub cannot be reached, loading fails at once with a one-line error that says how to supply a local
-file, instead of retrying for minutes.
+Weights for a tag are taken from the local Hugging Face cache when present, else downloaded with
+huggingface_hub, which honours HF_HUB_OFFLINE, HTTPS_PROXY / NO_PROXY and HF_HOME. One short metadata
+request (HF_HUB_ETAG_TIMEOUT seconds, default 10) comes first: when the hub cannot be reached, or
+HF_HUB_OFFLINE is set, loading fails at once with a one-line error naming the `hf download` command,
+instead of huggingface_hub's minutes of retries for a file it cannot find.
 
 Preprocessing follows the weights' own (DFN5B: squash-resize to 378, bicubic, OpenAI mean/std), also
 when the weights come from a local file: then it is taken from the model's known tags when they all
@@ -21,11 +23,9 @@ import difflib
 import logging
 import os
 import pickle
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
@@ -128,44 +128,101 @@ def _preprocess_overrides(name: str, pretrained: str, resize: str | None) -> dic
     return overrides
 
 
-def _hub_reachable(urls: list[str]) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    for url in urls:
-        host = urlparse(url).hostname
-        if not host:
-            continue
-        try:
-            socket.create_connection((host, 443), timeout=_NETWORK_PROBE_SECONDS).close()
-            return True
-        except OSError:
-            continue
-    return False
-
-
-def _cached_tag_file(cfg: dict) -> str | None:
-    """The tag's weights file if it is already in the local Hugging Face cache."""
+def _hub_files(cfg: dict) -> tuple[str, list[str]] | None:
+    """(repo, candidate file names) of a tag's weights on the Hugging Face hub, or None."""
     hub = cfg.get("hf_hub", "")
     if not hub:
         return None
+    # open_clip's convention: "org/repo/" means the repo's default open_clip weights file.
+    repo, filename = os.path.split(hub)
+    return repo, [filename] if filename else list(_OPEN_CLIP_WEIGHT_FILES)
+
+
+_OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                           "open_clip_pytorch_model.bin")
+
+
+def _cached_tag_file(cfg: dict) -> str | None:
+    """The tag's weights file if it is already in the local Hugging Face cache (no network)."""
+    files = _hub_files(cfg)
+    if files is None:
+        return None
     from huggingface_hub import try_to_load_from_cache
 
-    # open_clip's convention: "org/repo/" means the repo's default open_clip weights file.
-    model_id, filename = os.path.split(hub)
-    candidates = [filename] if filename else [
-        "open_clip_model.safetensors",
-        "open_clip_pytorch_model.safetensors",
-        "open_clip_pytorch_model.bin",
-    ]
+    repo, candidates = files
     for candidate in candidates:
-        found = try_to_load_from_cache(model_id, candidate)
+        found = try_to_load_from_cache(repo, candidate)
         if isinstance(found, str):
             return found
     return None
 
 
+def _how_to_get(cfg: dict) -> str:
+    files = _hub_files(cfg)
+    if files is None:
+        return f"download {cfg.get('url')} where there is network and pass --pretrained /path/to/the/file"
+    repo, candidates = files
+    return (f"run `hf download {repo} {candidates[0]}` where there is network (it fills the Hugging Face cache, "
+            "$HF_HOME/hub, which is then used offline; copy that cache here), or pass --pretrained /path/to/the/file")
+
+
+def _proxy_note() -> str:
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+    return f" through the proxy {proxy}" if proxy else ""
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def _download_from_hub(name: str, pretrained: str, cfg: dict) -> str:
+    """Download a tag's weights with huggingface_hub (its offline switch, proxies and cache), after one short
+    metadata request: huggingface_hub alone retries a missing file for minutes behind a bad proxy."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    repo, candidates = _hub_files(cfg)
+    what, how = f"weights for {name}/{pretrained} ({cfg['hf_hub']})", _how_to_get(cfg)
+    if constants.is_offline_mode():
+        raise UserError(f"{what} are not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}")
+    for filename in candidates:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except RemoteEntryNotFoundError:
+            continue  # open_clip repos hold one of the candidate names
+        except (RepositoryNotFoundError, GatedRepoError) as error:
+            raise UserError(f"{what}: the hub refused ({_short(error)}); if the repository is gated, log in with "
+                            f"`hf auth login`; or {how}") from None
+        except Exception as error:  # connection, proxy, timeout, TLS: httpx2 and huggingface_hub errors
+            raise UserError(f"{what} are not cached here and the Hugging Face hub cannot be reached{_proxy_note()} "
+                            f"({_short(error)}): {how}") from None
+        try:
+            return hf_hub_download(repo, filename, library_name="open_clip")
+        except Exception as error:
+            raise UserError(f"downloading {what} failed ({_short(error)}): {how}") from None
+    raise UserError(f"{what}: the repository holds none of {', '.join(candidates)}; {how}")
+
+
+def _download_from_url(name: str, pretrained: str, cfg: dict) -> str:
+    """A tag with a plain URL: one short request first (urllib honours HTTPS_PROXY; open_clip's download has no
+    timeout), then open_clip's own download into its cache."""
+    import urllib.request
+
+    url, how = cfg["url"], _how_to_get(cfg)
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=_NETWORK_PROBE_SECONDS).close()
+    except Exception as error:
+        raise UserError(f"weights for {name}/{pretrained} ({url}) are not cached here and cannot be reached"
+                        f"{_proxy_note()} ({_short(error)}): {how}") from None
+    try:
+        return _open_clip().download_pretrained(cfg)
+    except Exception as error:
+        raise UserError(f"downloading weights for {name}/{pretrained} failed ({_short(error)}): {how}") from None
+
+
 def resolve_weights(name: str, pretrained: str) -> str | None:
-    """A local weights file for (model, pretrained), downloading only when the hub is reachable."""
+    """A local weights file for (model, pretrained): a file as given, the Hugging Face cache, or a download."""
     open_clip = _open_clip()
     if pretrained == "none":
         return None
@@ -182,19 +239,9 @@ def resolve_weights(name: str, pretrained: str) -> str | None:
     cached = _cached_tag_file(cfg)
     if cached:
         return cached
-    source = cfg.get("hf_hub") or cfg.get("url")
-    how = (
-        f"download them where there is network (e.g. `huggingface-cli download {cfg['hf_hub'].rstrip('/')}`) "
-        "and pass --pretrained /path/to/open_clip_pytorch_model.bin"
-        if cfg.get("hf_hub")
-        else f"download {cfg.get('url')} and pass --pretrained /path/to/the/file"
-    )
-    if not _hub_reachable(["https://huggingface.co", cfg.get("url", "")]):
-        raise UserError(f"weights for {name}/{pretrained} ({source}) are not cached here and the hub cannot be reached: {how}")
-    try:
-        return open_clip.download_pretrained(cfg)
-    except Exception as error:  # network and hub errors come in many types
-        raise UserError(f"downloading weights for {name}/{pretrained} failed ({error}): {how}") from None
+    if cfg.get("hf_hub"):
+        return _download_from_hub(name, pretrained, cfg)
+    return _download_from_url(name, pretrained, cfg)
 
 
 @contextmanager
