@@ -26,6 +26,7 @@ from . import export as export_stage
 from . import manifest as manifest_stage
 from . import predict as predict_stage
 from . import pretrain_demo as pretrain_demo_stage
+from . import report as report_stage
 from . import shard as shard_stage
 from . import split as split_stage
 from . import train as train_stage
@@ -187,6 +188,15 @@ def export(**options):
                    "ce_logits, kd_logits)")
     else:
         click.echo(f"wrote {result['weights']} and {result['description']}")
+
+
+@main.command()
+@config_options(report_stage.Config)
+def report(**options):
+    """One table of many training runs on one cache: the settings that differ, metrics per head and mix."""
+    result = report_stage.run(make_config(report_stage.Config, given(options)))
+    click.echo(result["table"].rstrip("\n"))
+    click.echo(f"\nwrote {', '.join(result['files'].values())}")
 
 
 @main.group()
