@@ -48,7 +48,7 @@ class ImagePreprocess:
         return Normalizer(self.mean, self.std, pixels.device)(pixels).contiguous()
 
     def __call__(self, image) -> torch.Tensor:
-        return self.normalize(torch.from_numpy(self.pixels(image))[None])[0]
+        return self.normalize(torch.from_numpy(self.pixels(image).copy())[None])[0]
 
     def __repr__(self) -> str:
         s = self.spec
