@@ -44,8 +44,7 @@ class Config:
             return Path(self.out)
         source = Path(self.checkpoint)
         stem = source.name if source.is_dir() else source.stem
-        suffix = SUFFIX[self.format]
-        return source.with_name(stem + suffix) if suffix.startswith("-") else source.with_name(stem).with_suffix(suffix)
+        return source.with_name(stem + SUFFIX[self.format])
 
 
 def run(config: Config) -> dict:
