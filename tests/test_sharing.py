@@ -140,6 +140,7 @@ def test_open_clip_export_of_a_tower_open_clip_cannot_hold_is_refused(shared, tm
 # ---- ONNX ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(shared, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'dho-pipeline[onnx]')")
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'dho-pipeline[onnx]')")
@@ -233,6 +234,7 @@ def test_importing_the_package_stays_light():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(shared, tmp_path):
     """The README's Python API block, run as it stands, in a folder laid out as it assumes."""
     readme = (REPO / "README.md").read_text()
