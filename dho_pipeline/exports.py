@@ -93,7 +93,11 @@ def open_clip_with_student_tower(loaded: LoadedStudent, text_weights: str):
     strictly), its text tower from `text_weights` (a tag, a file, or 'none')."""
     from .clip_models import load_clip
 
-    clip = load_clip(loaded.architecture, text_weights)
+    try:
+        clip = load_clip(loaded.architecture, text_weights)
+    except UserError as error:
+        raise UserError(f"the text tower for the open_clip folder: {error}; or choose it with --text-tower "
+                        "(a weights file, a tag, or 'none' for a random one)") from None
     backbone = {k[len("backbone."):]: v for k, v in loaded.model.state_dict().items() if k.startswith("backbone.")}
     try:
         clip.model.visual.load_state_dict(backbone, strict=True)

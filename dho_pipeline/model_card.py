@@ -96,7 +96,9 @@ def model_card(*, name: str, checkpoint_path: Path, checkpoint, architecture: st
         "## Files", "",
         "- `open_clip_config.json`, `open_clip_model.safetensors`: an open_clip CLIP whose image tower (`visual.*`) is "
         "the student's. open_clip loads only whole CLIPs, so the text tower is included: "
-        f"`{text_tower['model']}` with weights `{text_tower['weights']}` (the student never trained it).",
+        f"`{text_tower['model']}` with weights `{text_tower['weights']}` (the student never trained it"
+        + ("; randomly initialised here, so this CLIP's zero-shot text side means nothing" if text_tower["weights"] == "none"
+           else "") + ").",
         "- `dho_heads.safetensors`: `ce_head.*`, `kd_head.*`.",
         "- `dho_student.json`: alpha, beta, class names, preprocessing and the training record; `classnames.txt`.", "",
         "## Use", "",
