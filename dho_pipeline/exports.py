@@ -159,11 +159,12 @@ class _AllOutputs(torch.nn.Module):
 def write_onnx(loaded: LoadedStudent, out: Path, *, opset: int | None = None) -> dict:
     """The whole classifier as one ONNX file: input `image` [batch, 3, H, W] (preprocessed), outputs `probs`,
     `ce_logits`, `kd_logits`, batch dynamic; alpha, beta, classes and preprocessing in its metadata."""
-    try:
-        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript)
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise UserError("--format onnx needs onnx and onnxscript: pip install 'dho-pipeline[onnx]'") from None
+    import importlib.util
+
+    if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):  # torch's exporter needs both
+        raise UserError("--format onnx needs onnx and onnxscript: pip install 'dho-pipeline[onnx]'")
+    import onnx
+
     from .classifier import classifier_of
 
     model = _AllOutputs(classifier_of(loaded)).eval()
@@ -187,8 +188,6 @@ def write_onnx(loaded: LoadedStudent, out: Path, *, opset: int | None = None) ->
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        import onnx
-
         onnx.save_model(proto, str(temporary))
         os.chmod(temporary, _umask_mode())
         os.replace(temporary, out)

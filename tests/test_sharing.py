@@ -167,6 +167,13 @@ def test_onnx_export_matches_pytorch(shared, tmp_path):
         assert probs.shape == (batch, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
+def test_onnx_export_without_the_exporter_packages_is_one_line(shared, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as where it is not installed
+    result = cli("export", shared["checkpoint"], "--format", "onnx", "--out", tmp_path / "s.onnx", expect_exit=1)
+    assert "pip install 'dho-pipeline[onnx]'" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
 # ---- safetensors + JSON, and what each command takes ------------------------------------------------------
 
 
