@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .clip_models import LoadedClip, Preprocess, _hub_reachable, load_clip
+from . import hub
+from .clip_models import LoadedClip, Preprocess, load_clip
 from .errors import UserError
 from .hashing import weights_fingerprint
 
@@ -118,38 +119,6 @@ def _known_tags(name: str) -> list[str]:
     return [tagged.split(".", 1)[1] for tagged in _timm().list_pretrained(f"{base}.*")]
 
 
-def _cached_timm_file(cfg) -> str | None:
-    """The weights of a pretrained config if they are already on this machine (HF cache, torch hub cache)."""
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else []) + list(_TIMM_HUB_FILES):
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
-            if isinstance(found, str):
-                return found
-    if cfg.url:
-        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if candidate.is_file():
-            return str(candidate)
-    return None
-
-
-def _download_timm_file(cfg) -> str:
-    if cfg.hf_hub_id:
-        from huggingface_hub import hf_hub_download
-
-        errors = []
-        for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else []) + list(_TIMM_HUB_FILES):
-            try:
-                return hf_hub_download(cfg.hf_hub_id, filename)
-            except Exception as error:  # a missing file, or the network: try the next name
-                errors.append(f"{filename}: {type(error).__name__}")
-        raise RuntimeError("; ".join(errors))
-    from timm.models._hub import download_cached_file
-
-    return download_cached_file(cfg.url)
-
-
 def resolve_timm_weights(name: str, pretrained: str) -> tuple[str, str | None]:
     """(timm model name to build, local weights file or None), downloading only when the hub is reachable."""
     timm = _timm()
@@ -173,19 +142,17 @@ def resolve_timm_weights(name: str, pretrained: str) -> tuple[str, str | None]:
         known = f"known tags: {', '.join(tags)}" if tags else "it has no pretrained weights in timm"
         raise UserError(f"--pretrained {pretrained!r} is neither a file nor a timm tag of {name} ({known}); "
                         "pass a weights file, a tag, 'default' or 'none'")
-    cached = _cached_timm_file(cfg)
-    if cached:
-        return tagged, cached
-    where = cfg.hf_hub_id or cfg.url
-    how = (f"download them where there is network (`hf download {cfg.hf_hub_id}`) and pass "
-           "--pretrained /path/to/model.safetensors" if cfg.hf_hub_id else
-           f"download {cfg.url} and pass --pretrained /path/to/the/file")
-    if not _hub_reachable(["https://huggingface.co" if cfg.hf_hub_id else "", cfg.url or ""]):
-        raise UserError(f"weights for timm:{tagged} ({where}) are not cached here and the hub cannot be reached: {how}")
-    try:
-        return tagged, _download_timm_file(cfg)
-    except Exception as error:  # network and hub errors come in many types
-        raise UserError(f"downloading weights for timm:{tagged} failed ({error}): {how}") from None
+    what = f"weights for timm:{tagged}"
+    if not cfg.hf_hub_id:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)  # where timm keeps them
+        if cached.is_file():
+            return tagged, str(cached)
+        from timm.models._hub import download_cached_file
+
+        return tagged, hub.download_from_url(cfg.url, lambda: download_cached_file(cfg.url), what=what)
+    candidates = ([cfg.hf_hub_filename] if cfg.hf_hub_filename else []) + list(_TIMM_HUB_FILES)
+    return tagged, hub.cached_hub_file(cfg.hf_hub_id, candidates) or hub.download_from_hub(
+        cfg.hf_hub_id, candidates, what=what, library_name="timm")
 
 
 def _timm_preprocess(model) -> Preprocess:

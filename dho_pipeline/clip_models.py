@@ -6,9 +6,11 @@
 - `pretrained`: an open_clip tag (`dfn5b`, `openai`), a local weights file, or `none` (random init,
   seeded, for tests).
 
-Weights for a tag are taken from the local Hugging Face cache when present. When they are not and
-the hub cannot be reached, loading fails at once with a one-line error that says how to supply a local
-file, instead of retrying for minutes.
+Weights for a tag are taken from the local Hugging Face cache when present, else downloaded with
+huggingface_hub, which honours HF_HUB_OFFLINE, HTTPS_PROXY / NO_PROXY and HF_HOME. One short metadata
+request (HF_HUB_ETAG_TIMEOUT seconds, default 10) comes first: when the hub cannot be reached, or
+HF_HUB_OFFLINE is set, loading fails at once with a one-line error naming the `hf download` command,
+instead of huggingface_hub's minutes of retries for a file it cannot find.
 
 Preprocessing follows the weights' own (DFN5B: squash-resize to 378, bicubic, OpenAI mean/std), also
 when the weights come from a local file: then it is taken from the model's known tags when they all
@@ -21,21 +23,19 @@ import difflib
 import logging
 import os
 import pickle
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
+from . import hub
 from .errors import UserError
 from .hashing import weights_fingerprint
 from .jsonfiles import read_json
 from .views import RESIZE_MODES
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_NETWORK_PROBE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,44 +135,22 @@ def _preprocess_overrides(name: str, pretrained: str, resize: str | None) -> dic
     return overrides
 
 
-def _hub_reachable(urls: list[str]) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    for url in urls:
-        host = urlparse(url).hostname
-        if not host:
-            continue
-        try:
-            socket.create_connection((host, 443), timeout=_NETWORK_PROBE_SECONDS).close()
-            return True
-        except OSError:
-            continue
-    return False
-
-
-def _cached_tag_file(cfg: dict) -> str | None:
-    """The tag's weights file if it is already in the local Hugging Face cache."""
+def _hub_files(cfg: dict) -> tuple[str, list[str]] | None:
+    """(repo, candidate file names) of a tag's weights on the Hugging Face hub, or None."""
     hub = cfg.get("hf_hub", "")
     if not hub:
         return None
-    from huggingface_hub import try_to_load_from_cache
-
     # open_clip's convention: "org/repo/" means the repo's default open_clip weights file.
-    model_id, filename = os.path.split(hub)
-    candidates = [filename] if filename else [
-        "open_clip_model.safetensors",
-        "open_clip_pytorch_model.safetensors",
-        "open_clip_pytorch_model.bin",
-    ]
-    for candidate in candidates:
-        found = try_to_load_from_cache(model_id, candidate)
-        if isinstance(found, str):
-            return found
-    return None
+    repo, filename = os.path.split(hub)
+    return repo, [filename] if filename else list(_OPEN_CLIP_WEIGHT_FILES)
+
+
+_OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                           "open_clip_pytorch_model.bin")
 
 
 def resolve_weights(name: str, pretrained: str) -> str | None:
-    """A local weights file for (model, pretrained), downloading only when the hub is reachable."""
+    """A local weights file for (model, pretrained): a file as given, the Hugging Face cache, or a download."""
     open_clip = _open_clip()
     if pretrained == "none":
         return None
@@ -186,22 +164,13 @@ def resolve_weights(name: str, pretrained: str) -> str | None:
             f"--pretrained {pretrained!r} is neither a file nor a tag of {name} ({known}); "
             "pass a weights file, a tag, or 'none'"
         )
-    cached = _cached_tag_file(cfg)
-    if cached:
-        return cached
-    source = cfg.get("hf_hub") or cfg.get("url")
-    how = (
-        f"download them where there is network (e.g. `huggingface-cli download {cfg['hf_hub'].rstrip('/')}`) "
-        "and pass --pretrained /path/to/open_clip_pytorch_model.bin"
-        if cfg.get("hf_hub")
-        else f"download {cfg.get('url')} and pass --pretrained /path/to/the/file"
-    )
-    if not _hub_reachable(["https://huggingface.co", cfg.get("url", "")]):
-        raise UserError(f"weights for {name}/{pretrained} ({source}) are not cached here and the hub cannot be reached: {how}")
-    try:
-        return open_clip.download_pretrained(cfg)
-    except Exception as error:  # network and hub errors come in many types
-        raise UserError(f"downloading weights for {name}/{pretrained} failed ({error}): {how}") from None
+    files = _hub_files(cfg)
+    what = f"weights for {name}/{pretrained}"
+    if files is None:
+        return hub.download_from_url(cfg["url"], lambda: open_clip.download_pretrained(cfg), what=what)
+    repo, candidates = files
+    return hub.cached_hub_file(repo, candidates) or hub.download_from_hub(repo, candidates, what=what,
+                                                                         library_name="open_clip")
 
 
 @contextmanager

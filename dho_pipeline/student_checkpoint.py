@@ -81,6 +81,15 @@ class StudentMetadata:
         }
 
     @classmethod
+    def minimal(cls, *, model: str, preprocess: Preprocess, classnames: list[str], source: str,
+                pretrained: str = "openai") -> "StudentMetadata":
+        """Metadata for a student whose file carries none (a released checkpoint), as an export records it:
+        architecture, preprocessing and classes resolved; the training facts unknown (empty)."""
+        return cls(model=model, pretrained=pretrained, preprocess=preprocess, classnames=list(classnames), templates=[],
+                   config={"source": source}, cache_fingerprint=None, manifest_fingerprint="unknown",
+                   split_fingerprint="unknown", steps=0, finished=True, labeled_keys=[])
+
+    @classmethod
     def from_payload(cls, raw, path: Path) -> "StudentMetadata":
         where = f"checkpoint {path}: its dho_pipeline metadata"
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -221,7 +230,7 @@ def _classnames_for(path: Path, num_classes: int, metadata: StudentMetadata | No
 def load_student(path: str | Path, *, student: str | None = None, classnames: list[str] | None = None) -> LoadedStudent:
     """A dual-head student from a checkpoint file, on the CPU, in eval mode."""
     path = Path(path)
-    return student_from_checkpoint(StudentCheckpoint.load(path), path, student=student, classnames=classnames)
+    return student_from_checkpoint(read_student(path), path, student=student, classnames=classnames)
 
 
 def student_from_checkpoint(checkpoint: StudentCheckpoint, path: Path, *, student: str | None = None,
@@ -261,3 +270,117 @@ def student_from_checkpoint(checkpoint: StudentCheckpoint, path: Path, *, studen
         preprocess=metadata.preprocess if metadata else backbone.preprocess,
         alpha=checkpoint.alpha, beta=checkpoint.beta, checkpoint=checkpoint, head=head,
     )
+
+
+# ---- reading any student file: checkpoints and what `export` writes ------------------------------------
+
+EXPORT_FORMAT = "dho-pipeline-student-export"
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's hub layout (open_clip.constants)
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+HEADS_FILE = "dho_heads.safetensors"
+DESCRIPTION_FILE = "dho_student.json"
+FORMATS_TAKEN = ("a student checkpoint (.pt: ours or a released DHO one), an open_clip export folder "
+                 "(`export --format open_clip`), or a .safetensors export with its .json (`export --format safetensors`)")
+
+
+def export_description(checkpoint: StudentCheckpoint, **fields) -> dict:
+    """The JSON that travels with exported weights: the checkpoint's released fields and our metadata, so that
+    reading the export gives back the same StudentCheckpoint (the weights aside)."""
+    description = {"format": EXPORT_FORMAT, "version": VERSION, **fields, "alpha": checkpoint.alpha,
+                   "beta": checkpoint.beta, "epoch": checkpoint.epoch, "acc": checkpoint.acc}
+    if checkpoint.metadata is not None:
+        description["dho_pipeline"] = checkpoint.metadata.to_payload()
+    return description
+
+
+def read_student(path: str | Path) -> StudentCheckpoint:
+    """The student in any file we run: a checkpoint, an open_clip export folder, or a .safetensors export
+    (given as its .safetensors or its .json). Anything else is refused, naming the formats taken."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / DESCRIPTION_FILE).is_file() and (path / OPEN_CLIP_CONFIG).is_file():
+            return _read_open_clip_folder(path)
+        raise UserError(f"{path} is a folder but not an open_clip export of a student (no {DESCRIPTION_FILE} and "
+                        f"{OPEN_CLIP_CONFIG}); this command takes {FORMATS_TAKEN}")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    kind = _sniff(path)
+    if kind == "torch":
+        return StudentCheckpoint.load(path)
+    if kind == "safetensors":
+        return _read_safetensors_export(path.with_suffix(".json"), weights=path)
+    if kind == "json":
+        return _read_safetensors_export(path)
+    what = "an ONNX model (run it with onnxruntime)" if path.suffix == ".onnx" else "not a student file this tool reads"
+    raise UserError(f"{path} is {what}; this command takes {FORMATS_TAKEN}")
+
+
+def _sniff(path: Path) -> str | None:
+    """Which format a file holds, from its first bytes (names can lie)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        return "torch"
+    if len(head) >= 10 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    return None
+
+
+def _read_description(path: Path) -> dict:
+    from .jsonfiles import read_json
+
+    description = read_json(path, "export description", "export the student again with `dho-pipeline export`")
+    if not isinstance(description, dict) or description.get("format") not in (EXPORT_FORMAT, FORMAT):
+        raise UserError(f"{path} is not a dho-pipeline export description; this command takes {FORMATS_TAKEN}")
+    return description
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; export the student again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{what} {path} is not a readable safetensors file ({error})") from None
+
+
+def _from_description(description: dict, state: dict, path: Path, model: str | None = None) -> StudentCheckpoint:
+    """A StudentCheckpoint from exported weights and their description; `model` overrides the architecture
+    to build (an open_clip folder is its own architecture)."""
+    payload = {"model_state_dict": state, **{k: description[k] for k in ("alpha", "beta", "epoch", "acc") if k in description}}
+    metadata = description.get("dho_pipeline")
+    if metadata is None and {"architecture", "preprocess", "classnames"} <= set(description):
+        # a description of the first export version: architecture, preprocessing and classes only
+        try:
+            metadata = StudentMetadata.minimal(
+                model=description["architecture"], preprocess=Preprocess.from_json(description["preprocess"]),
+                classnames=description["classnames"], source=f"export {path}").to_payload()
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"export description {path} is malformed ({type(error).__name__}: {error})") from None
+    if metadata is not None:
+        payload["dho_pipeline"] = metadata if model is None else {**metadata, "student": {**metadata["student"], "model": model}}
+    return StudentCheckpoint.from_payload(payload, path)
+
+
+def _read_safetensors_export(description_path: Path, weights: Path | None = None) -> StudentCheckpoint:
+    description = _read_description(description_path)
+    if weights is None:
+        weights = description_path.with_name(str(description.get("weights", description_path.with_suffix(".safetensors").name)))
+    return _from_description(description, _read_safetensors(weights, "exported weights"), description_path)
+
+
+def _read_open_clip_folder(folder: Path) -> StudentCheckpoint:
+    """The image tower is the CLIP's `visual.*`; the heads are beside it. The folder is its own architecture
+    (`local-dir:FOLDER`, open_clip's own loader), so it runs wherever it is copied."""
+    description = _read_description(folder / DESCRIPTION_FILE)
+    clip_state = _read_safetensors(folder / OPEN_CLIP_WEIGHTS, "open_clip weights")
+    state = {"backbone." + k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
+    state.update(_read_safetensors(folder / HEADS_FILE, "head weights"))
+    if not any(k.startswith("backbone.") for k in state):
+        raise UserError(f"open_clip weights {folder / OPEN_CLIP_WEIGHTS} hold no image tower (visual.*)")
+    return _from_description(description, state, folder, model=f"local-dir:{folder.resolve()}")

@@ -28,7 +28,8 @@ from .options import setting
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path = setting(help="Student checkpoint.")
+    checkpoint: Path = setting(help="Student: a checkpoint (ours or a released one), an open_clip export folder, "
+                                    "or a .safetensors export with its .json.")
     data: tuple[str, ...] = setting(help="Held-out data: a manifest (.json) or shards; repeatable.")
     out: Path = setting(help="Calibrated checkpoint to write.")
     split: Path | None = setting(None, help="Calibrate on this split's held-out images of --data.")

@@ -27,6 +27,7 @@ from . import manifest as manifest_stage
 from . import ood as ood_stage
 from . import predict as predict_stage
 from . import pretrain_demo as pretrain_demo_stage
+from . import report as report_stage
 from . import shard as shard_stage
 from . import split as split_stage
 from . import train as train_stage
@@ -160,15 +161,15 @@ def evaluate_ood(**options):
 @config_options(predict_stage.Config)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def predict(as_json, **options):
-    """Classify IMAGES with the checkpoint's alpha and beta (the model card's inference path)."""
+    """Classify IMAGES (files, folders, glob patterns) with the student's alpha and beta."""
     results = predict_stage.run(make_config(predict_stage.Config, given(options)))
     if as_json:
         click.echo(json.dumps(results, indent=2))
-        return
-    for result in results:
-        click.echo(result["image"])
-        for p in result["predictions"]:
-            click.echo(f"  {p['class']:>5}  {p['probability']:7.4f}  {p['name']}")
+    elif options.get("output"):
+        errors = sum("error" in r for r in results)
+        click.echo(f"wrote {options['output']}: {len(results)} images" + (f", {errors} could not be read" if errors else ""))
+    else:
+        click.echo(predict_stage.format_results(results))
 
 
 @main.command()
@@ -189,9 +190,26 @@ def calibrate(**options):
 @main.command()
 @config_options(export_stage.Config)
 def export(**options):
-    """Write a checkpoint's weights as safetensors plus a JSON of alpha, beta, classes and architecture."""
+    """Write a student as an open_clip folder (with a model card), ONNX, or safetensors plus JSON."""
     result = export_stage.run(make_config(export_stage.Config, given(options)))
-    click.echo(f"wrote {result['weights']} and {result['description']}")
+    if "folder" in result:
+        click.echo(f"wrote {result['folder']}/ (open_clip: local-dir:{result['folder']}; text tower "
+                   f"{result['text_tower']['model']} / {result['text_tower']['weights']}); upload with "
+                   f"`hf upload REPO {result['folder']}`")
+    elif "onnx" in result:
+        click.echo(f"wrote {result['onnx']} (opset {result['opset']}; input image [batch, 3, H, W]; outputs probs, "
+                   "ce_logits, kd_logits)")
+    else:
+        click.echo(f"wrote {result['weights']} and {result['description']}")
+
+
+@main.command()
+@config_options(report_stage.Config)
+def report(**options):
+    """One table of many training runs on one cache: the settings that differ, metrics per head and mix."""
+    result = report_stage.run(make_config(report_stage.Config, given(options)))
+    click.echo(result["table"].rstrip("\n"))
+    click.echo(f"\nwrote {', '.join(result['files'].values())}")
 
 
 @main.group()

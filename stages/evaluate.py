@@ -23,7 +23,8 @@ from .options import setting
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    checkpoint: Path = setting(help="Student checkpoint (ours or a released one).")
+    checkpoint: Path = setting(help="Student: a checkpoint (ours or a released one), an open_clip export folder, "
+                                    "or a .safetensors export with its .json.")
     data: tuple[str, ...] = setting(help="A manifest (.json) or shards; repeatable.")
     student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
                                   "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
@@ -63,7 +64,7 @@ def run(config: Config) -> dict:
     report = evaluate_loaded(loaded, manifest, state=state, device=device, precision=precision, alpha=config.alpha,
                              beta=config.beta, class_subset=config.class_subset, batch_size=config.batch_size,
                              workers=config.workers)
-    return {**report, "checkpoint": str(config.checkpoint)}
+    return {**report, "checkpoint": str(config.checkpoint), "data": list(config.data)}
 
 
 def evaluate_loaded(loaded, manifest, *, state, device, precision, alpha, beta, class_subset, batch_size,
@@ -98,7 +99,7 @@ def evaluate_loaded(loaded, manifest, *, state, device, precision, alpha, beta, 
     stats = reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes))
     report = finish_statistics(stats, num_classes)
     report.update({"architecture": loaded.architecture, "alpha": alpha, "beta": beta, "classnames": classnames,
-                   "class_subset": subset.name if subset else None})
+                   "class_subset": subset.name if subset else None, "data_fingerprint": manifest.fingerprint})
     return report
 
 

@@ -11,7 +11,7 @@ micro-steps); an epoch is one pass over the unlabeled set, the labeled stream cy
 the library's (dho_pipeline.objectives): for DHO, CE(ce_head(x_l), y) + KD(kd_head(x_l)) + KD(kd_head(x_u)).
 The learning rate follows dho_pipeline.schedule.warmup_cosine.
 
-Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/`, `checkpoints/step-N/`
+Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/` (or the --report-to trackers'), `checkpoints/step-N/`
 (resumable state, written whole or not at all), and `student.pt` in the released checkpoint format.
 """
 
@@ -28,6 +28,7 @@ from dho_pipeline.errors import UserError
 
 from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, read_recipe, setting
+from .trackers import CHOICES as TRACKER_CHOICES
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
 
@@ -69,6 +70,8 @@ class Config:
     checkpoint_every: int = setting(0, help="Steps between checkpoints; 0: at each epoch end.")
     keep_checkpoints: int = setting(2, help="Complete checkpoints kept (older ones are pruned).")
     log_every: int = setting(10, help="Steps between metrics lines.")
+    report_to: str = setting("tensorboard", choices=TRACKER_CHOICES,
+                             help="Experiment tracker(s), through Accelerate (W&B offline, MLflow to RUN/mlruns by default).")
     max_steps: int | None = setting(None, help="Stop after this many steps (the schedule still spans all epochs).")
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device, e.g. cuda, cpu.")
     classnames: Path | None = setting(
@@ -205,9 +208,12 @@ def run(config: Config) -> dict:
     from dho_pipeline.student_data import training_loaders
 
     from .common import process_state, resolve_compile, resolve_precision
+    from .trackers import chosen_trackers, hparams, init_kwargs
 
     # ---- setup: inputs checked, run directory claimed --------------------------------------------
     manifest, reader, split, classnames, templates = _check_inputs(config)
+    trackers = chosen_trackers(config.report_to)
+    started = time.time() - _earlier_seconds(config)
     objective = config.objective_spec()
     out = Path(config.out)
     state = process_state(config.device)
@@ -226,7 +232,7 @@ def run(config: Config) -> dict:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.objective != "dho")
     accelerator = Accelerator(
         cpu=state.device.type == "cpu", mixed_precision=mixed, kwargs_handlers=[ddp],
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+        log_with=trackers or None, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )
     device = accelerator.device
     torch.manual_seed(config.seed)
@@ -283,7 +289,7 @@ def run(config: Config) -> dict:
             counts["labeled"], counts["unlabeled"], counts["skipped_missing"], plan.steps_per_epoch, plan.total_steps,
             micro_batch, micro_batch, accelerator.num_processes,
         )
-        accelerator.init_trackers("dho", config={k: str(v) for k, v in config.to_json().items()})
+        accelerator.init_trackers("dho", config=hparams(config.to_json()), init_kwargs=init_kwargs(trackers, out))
 
     # ---- the loop ---------------------------------------------------------------------------------
     iterators = {name: iter(loader) for name, loader in streams.items()}
@@ -344,7 +350,7 @@ def run(config: Config) -> dict:
     finished = step >= plan.total_steps
     epoch = plan.epoch_of(step)
     summary = {"steps": step, "total_steps": plan.total_steps, "finished": finished, "epoch": epoch,
-               "eval": last_eval, **counts}
+               "eval": last_eval, **counts, "wall_seconds": round(time.time() - started, 3)}
     if accelerator.is_main_process:
         _student_checkpoint(config, accelerator.unwrap_model(student), student_spec, student_preprocess, classnames,
                             templates,
@@ -355,6 +361,17 @@ def run(config: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group
     return summary
+
+
+def _earlier_seconds(config: Config) -> float:
+    """Wall time a resumed run already spent (its last summary's)."""
+    summary = Path(config.out) / "summary.json"
+    if not (config.resume and summary.is_file()):
+        return 0.0
+    try:
+        return float(json.loads(summary.read_text()).get("wall_seconds", 0.0))
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def _losses(objective, student, batches: dict, normalize) -> dict:

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from helpers import cli, image_bytes, random_image
 
 from dho_pipeline.stages import (
-    cache_teacher, calibrate, demo, evaluate, export, manifest, ood, predict, pretrain_demo, shard, split, train,
+    cache_teacher, calibrate, demo, evaluate, export, manifest, ood, predict, pretrain_demo, report, shard, split,
+    train,
 )
 from dho_pipeline.stages.cli import main
 
@@ -35,7 +36,7 @@ def test_help_does_not_import_torch():
 STAGE_OF_COMMAND = {
     "manifest": manifest, "shard": shard, "cache-teacher": cache_teacher, "split": split, "train": train,
     "evaluate": evaluate, "predict": predict, "calibrate": calibrate, "export": export,
-    "pretrain-demo-clips": pretrain_demo, "demo": demo, "evaluate-ood": ood,
+    "pretrain-demo-clips": pretrain_demo, "demo": demo, "evaluate-ood": ood, "report": report,
 }
 
 
