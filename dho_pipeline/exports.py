@@ -77,7 +77,7 @@ def with_metadata(loaded: LoadedStudent, source: Path):
 def _description(loaded: LoadedStudent, source: Path, **fields) -> dict:
     return export_description(with_metadata(loaded, source), architecture=loaded.architecture,
                               preprocess=loaded.preprocess.to_json(), classnames=loaded.classnames,
-                              inference=inference(loaded.head), **fields)
+                              head=loaded.head, inference=inference(loaded.head), **fields)
 
 
 # ---- safetensors + JSON ------------------------------------------------------------------------------------

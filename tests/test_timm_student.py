@@ -165,9 +165,10 @@ def test_a_missing_download_is_a_fast_one_line_error(prepared, tmp_path):
                          env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert time.monotonic() - started < 60
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert ("weights for timm:test_convnext.r160_in1k (timm/test_convnext.r160_in1k) are not cached here and the hub "
-            "cannot be reached") in result.stderr
-    assert "--pretrained /path/to/model.safetensors" in result.stderr
+    assert ("weights for timm:test_convnext.r160_in1k are not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+            in result.stderr)
+    assert "`hf download timm/test_convnext.r160_in1k model.safetensors`" in result.stderr
+    assert "--pretrained /path/to/the/file" in result.stderr
 
 
 def test_checkpoint_metadata_written_before_families_loads_as_open_clip_cosine():
