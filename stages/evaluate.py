@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.views import EVAL_VIEWS
+
 from .common import PRECISIONS
 from .options import setting
 
@@ -32,6 +34,9 @@ class Config:
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
     precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
                                     help="Autocast precision.")
+    eval_view: str = setting("center-square", choices=EVAL_VIEWS,
+                             help="Each image's view: the centred square, one bicubic resize; or 'reference': "
+                                  "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
 
 
 def load_inputs(config):
@@ -67,6 +72,7 @@ def run(config: Config) -> dict:
     logits = student_logits_on(
         loaded, manifest, np.arange(manifest.num_samples), rank=state.process_index, world=state.num_processes,
         batch_size=config.batch_size, workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
+        eval_view=config.eval_view,
     )
     num_classes = len(loaded.classnames)
     stats = reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes))
