@@ -39,15 +39,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
 from .errors import UserError
 from .hashing import fingerprint_json
 from .jsonfiles import read_json, write_text_atomically
-from .manifest import Manifest
-from .shard_writer import safe_key
+
+if TYPE_CHECKING:  # the manifest module imports webdataset (and torch); stages import RULES from here cheaply
+    from .manifest import Manifest
 
 FORMAT = "dho-pipeline-split"
 VERSION = 1
@@ -309,6 +310,10 @@ class _NameIndex:
                 self.by_key.setdefault(key.rsplit("/", 1)[-1], []).append(sample_id)
 
     def find(self, name: str) -> list[int]:
+        from webdataset.tariterators import base_plus_ext
+
+        from .shard_writer import safe_key
+
         parts = name.split("/")
         last = parts[-1]
         candidates = set(self.by_stem.get(_stem(last), [])) | set(self.by_stem.get(last, []))
