@@ -245,3 +245,28 @@ def test_reference_class_embeddings_are_the_template_mean_left_unnormalised(cach
     assert attrs["class_embeddings"] == "reference" and "not renormalised" in attrs["logits"]
     result = cli(*cache_args(cached, out, "--views", "1"), expect_exit=1)  # a rerun with unit embeddings
     assert "class_embeddings" in result.output
+
+
+REFERENCE_SETTINGS = {"lr_schedule": "reference", "epoch_steps": "reference", "train_views": "crops",
+                      "train_resize": "reference", "eval_view": "reference", "precision": "fp32",
+                      "split_rule": "reference", "teacher_class_embeddings": "reference"}
+
+
+def test_the_paper_recipes_select_every_reference_setting_and_the_corrected_ones_ours():
+    from pathlib import Path
+
+    from dho_pipeline.stages.train import Config, load_recipe
+
+    recipes = sorted(Path(__file__).parent.parent.glob("manifests/recipes/*.toml"))
+    paper = [r for r in recipes if not r.stem.endswith("-corrected")]
+    assert len(paper) == 4 and len(recipes) == 8
+    for recipe in recipes:
+        config = Config(**load_recipe(recipe))
+        if recipe in paper:
+            assert {name: getattr(config, name) for name in REFERENCE_SETTINGS} == REFERENCE_SETTINGS, recipe.name
+            assert config.warmup_steps == 5000 and config.lr == 5e-5 and config.epochs == 32
+            assert "--rule reference" in recipe.read_text() and "--class-embeddings reference" in recipe.read_text()
+        else:
+            for name, value in REFERENCE_SETTINGS.items():
+                assert getattr(config, name) != value, (recipe.name, name)
+            assert config.split_rule == "balanced" and config.teacher_class_embeddings == "unit"
