@@ -21,7 +21,8 @@ The labeled set is drawn by one of two rules (`method.rule`), or named by a list
   `choice(positions of the class, count, replace=False)` over positions in torchvision ImageFolder
   order (class folders sorted, file names sorted as plain strings). It needs each image's original
   file name (the manifest's `sources`, which `dho-pipeline shard` records) and every image of the
-  folder tree in the manifest.
+  folder tree in the manifest (ImageFolder also lists .bmp, .ppm, .pgm and .tif files, which `shard`
+  skips and counts; ImageNet has none).
 - `balanced`: `round(percent / 100 * N / C)` images per class (13 at 1%, 128 at 10%), drawn with
   numpy's generator seeded by `seed` over manifest order; classes with fewer images give all they
   have. Works on any manifest.
