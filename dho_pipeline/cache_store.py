@@ -59,6 +59,16 @@ def compressors(name: str):
     raise UserError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
+# The teacher's class embeddings: the mean of the per-template unit text embeddings renormalised to unit
+# length ("unit", open_clip's zero-shot classifier), or left as it is ("reference", the DHO reference's DFN5B path).
+CLASS_EMBEDDINGS = ("unit", "reference")
+_LOGITS = {  # what the cached logits are, per class-embedding setting
+    "unit": "logit_scale * cos(image_embedding, template-averaged class embedding)",
+    "reference": "logit_scale * normalized(image_embedding) . mean of the unit per-template class embeddings "
+                 "(not renormalised)",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class CacheSpec:
     """What a cache was built with. Two runs may share a cache only if their specs are equal."""
@@ -73,6 +83,7 @@ class CacheSpec:
     logit_scale: float
     manifest_fingerprint: str
     shards: list[dict]  # [{"name", "num_samples"}], manifest order
+    class_embeddings: str = "unit"  # CLASS_EMBEDDINGS: renormalised ("unit") or the reference's mean
 
     @property
     def num_classes(self) -> int:
@@ -96,12 +107,13 @@ class CacheSpec:
             "templates_fingerprint": fingerprint_json(self.templates),
             "full_logits": self.full_logits,
             "box_scale": BOX_SCALE,
-            "logits": "logit_scale * cos(image_embedding, template-averaged class embedding)",
+            "logits": _LOGITS.get(self.class_embeddings, "unknown"),
         }
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "CacheSpec":
-        return cls(**{name: attrs[name] for name in cls.__dataclass_fields__})
+        # Caches written before `class_embeddings` existed were built with unit class embeddings (its default).
+        return cls(**{name: attrs[name] for name in cls.__dataclass_fields__ if name in attrs or name != "class_embeddings"})
 
     def differences(self, other: "CacheSpec") -> list[str]:
         mine, theirs = self.to_attrs(), other.to_attrs()

@@ -249,13 +249,15 @@ def class_text_embeddings(
     templates: list[str],
     *,
     normalize: bool,
+    renormalize: bool = True,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Template-averaged class text embeddings, [num_classes, dim], float32.
 
     normalize=True is the zero-shot classifier (each template's embedding normalised, averaged, and
-    renormalised, as open_clip builds it); normalize=False is the plain template mean of the raw
+    renormalised, as open_clip builds it; with renormalize=False the average is left as it is, as the
+    DHO reference's DFN5B teacher leaves it); normalize=False is the plain template mean of the raw
     embeddings, which DHO uses to initialise the student's heads.
     """
     from .prompts import fill_template
@@ -269,5 +271,6 @@ def class_text_embeddings(
     per_text = torch.cat(embeddings).view(len(classnames), len(templates), -1)
     if normalize:
         per_text = torch.nn.functional.normalize(per_text, dim=-1)
-        return torch.nn.functional.normalize(per_text.mean(dim=1), dim=-1).cpu()
+        mean = per_text.mean(dim=1)
+        return (torch.nn.functional.normalize(mean, dim=-1) if renormalize else mean).cpu()
     return per_text.mean(dim=1).cpu()

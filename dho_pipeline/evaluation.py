@@ -130,20 +130,24 @@ def refinement_grid(alpha: float, beta: float) -> tuple[list[float], list[float]
 
 
 def logits_on_samples(model, table, sample_ids, image_size, normalize, *, rank: int, world: int, batch_size: int,
-                      workers: int, autocast, crop: float = 1.0) -> dict[str, torch.Tensor]:
+                      workers: int, autocast, eval_view: str = "center-square", crop: float = 1.0
+                      ) -> dict[str, torch.Tensor]:
     """CE/KD logits of a dual-head model on this process's share of `sample_ids` (rows of a
     student_data.SampleTable): process r takes ids r, r + world, ... Each image shows the student's
-    evaluation view (resize the shortest side, centre-crop `crop` of it), rendered as in training."""
+    evaluation view: `eval_view` "center-square" (the centred square, `crop` of the shorter side, one
+    bicubic resize, rendered as in training) or "reference" (the reference's Resize(378) -> CenterCrop(378)
+    -> Resize(224) chain)."""
     from .student_data import FiniteIdStream, StudentBatches
 
     stream = FiniteIdStream(sample_ids, batch_size, rank, world)
-    dataset = StudentBatches(table, stream, image_size, num_batches=stream.num_batches, eval_crop=crop)
+    dataset = StudentBatches(table, stream, image_size, num_batches=stream.num_batches, eval_view=eval_view,
+                             eval_crop=crop)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, stream.num_batches))
     return collect_logits(model, loader, normalize, autocast)
 
 
 def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, batch_size: int, workers: int,
-                      device, autocast) -> dict[str, torch.Tensor]:
+                      device, autocast, eval_view: str = "center-square") -> dict[str, torch.Tensor]:
     """`logits_on_samples` for a loaded student (student_checkpoint.LoadedStudent) on a manifest."""
     from .pixels import Normalizer
     from .student_data import SampleTable
@@ -151,4 +155,5 @@ def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, ba
     normalize = Normalizer(loaded.preprocess.mean, loaded.preprocess.std, device)
     return logits_on_samples(loaded.model.to(device), SampleTable.from_manifest(manifest), sample_ids,
                              loaded.preprocess.image_size, normalize, rank=rank, world=world, batch_size=batch_size,
-                             workers=workers, autocast=autocast, crop=loaded.preprocess.crop_fraction)
+                             workers=workers, autocast=autocast, eval_view=eval_view,
+                             crop=loaded.preprocess.crop_fraction)

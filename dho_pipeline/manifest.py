@@ -15,8 +15,14 @@ Format (version 1), one object:
                  "keys": [...],                 # in tar order
                  "labels": [...] or null,       # int class index per sample (null where absent)
                  "image_ext": "jpeg" or [...],  # one extension, or one per sample when mixed
-                 "image_offsets": [...], "image_sizes": [...]},  # where each image's bytes lie
+                 "image_offsets": [...], "image_sizes": [...],  # where each image's bytes lie
+                 "sources": [...]},  # optional: each image's original file name, or null
                 ...]}
+
+`sources` holds, per sample, the image's file name relative to the folder tree it came from
+(`n01440764/n01440764_10026.JPEG`), read from the `.source.txt` member that `dho-pipeline shard` writes;
+a shard none of whose samples has one (shards made by other tools) has no `sources` field. Splits use
+it to draw the reference's ImageFolder-ordered subset and to match image lists by file name.
 
 Paths are left out of the fingerprint so that moving the shards (and editing their paths) keeps
 caches and splits valid; anything else edited by hand makes the manifest refuse to load.
@@ -52,10 +58,11 @@ class ShardEntry:
     image_ext: str | list[str]
     image_offsets: list[int]
     image_sizes: list[int]
+    sources: list[str | None] | None = None  # original file names (None: the shard records none)
 
     def content(self) -> dict:
         """Everything that identifies the shard's content (not where it lies)."""
-        return {
+        content = {
             "name": self.name,
             "num_samples": self.num_samples,
             "size": self.size,
@@ -66,6 +73,10 @@ class ShardEntry:
             "image_offsets": self.image_offsets,
             "image_sizes": self.image_sizes,
         }
+        # Only where present, so that manifests written before the field existed keep their fingerprint.
+        if self.sources is not None:
+            content["sources"] = self.sources
+        return content
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ def entry_from_scan(path: Path, scan: ShardScan) -> ShardEntry:
         image_ext=scan.image_exts[0] if len(exts) == 1 else scan.image_exts,
         image_offsets=scan.image_offsets,
         image_sizes=scan.image_sizes,
+        sources=scan.sources if any(source is not None for source in scan.sources) else None,
     )
 
 
@@ -258,10 +270,12 @@ def _parse_entry(path: Path, index: int, raw: object) -> ShardEntry:
     per_sample("image_sizes", lambda v: _is_int(v) and v >= 0, "byte counts")
     if not isinstance(raw["image_ext"], str):
         per_sample("image_ext", lambda v: isinstance(v, str), "extensions")
+    if "sources" in raw:
+        per_sample("sources", lambda v: v is None or (isinstance(v, str) and v != ""), "file names (or null)")
     return ShardEntry(
         name=raw["name"], path=_resolve(path.parent, raw["path"]), num_samples=count, size=raw["size"],
         fingerprint=raw["fingerprint"], keys=raw["keys"], labels=raw["labels"], image_ext=raw["image_ext"],
-        image_offsets=raw["image_offsets"], image_sizes=raw["image_sizes"],
+        image_offsets=raw["image_offsets"], image_sizes=raw["image_sizes"], sources=raw.get("sources"),
     )
 
 

@@ -1,7 +1,9 @@
 """Writing WebDataset shards: from an ImageNet-style class-folder tree, or from images in memory.
 
 Shards are written with webdataset's own ShardWriter. Each sample holds one image member (its
-original bytes and extension) and a `.cls` label. Keys are made safe (letters, digits, `_` and `-`
+original bytes and extension), a `.cls` label and, for images read from a folder tree, a `.source.txt`
+member with the image's file name relative to the tree (`n01440764/n01440764_10026.JPEG`): the manifest
+keeps it, so that a split can reproduce an ImageFolder-ordered draw and name images as their lists do. Keys are made safe (letters, digits, `_` and `-`
 only: no dots, which WebDataset treats as extension separators, no slashes, no control characters)
 and unique. Sample order is a seeded shuffle of the sorted file list: deterministic, and mixed, so that
 a streaming reader's shuffle buffer sees many classes at once.
@@ -17,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import UserError
-from .shards import IMAGE_EXTENSIONS
+from .shards import IMAGE_EXTENSIONS, SOURCE_EXT
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -29,6 +31,7 @@ class SampleSource:
     label: int
     path: Path | None = None  # read from disk when written ...
     data: bytes | None = None  # ... or given in memory
+    source: str | None = None  # file name relative to the folder tree, "/"-separated (None: not from a tree)
 
     def image_bytes(self) -> bytes:
         return self.data if self.data is not None else self.path.read_bytes()
@@ -78,7 +81,8 @@ def folder_samples(root: Path, class_list: list[str] | None = None) -> tuple[lis
     if not files:
         raise UserError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     keys = unique_keys([name for *_, name in files])
-    samples = [SampleSource(key=k, ext=ext, label=label, path=path) for k, (path, ext, label, _) in zip(keys, files)]
+    samples = [SampleSource(key=k, ext=ext, label=label, path=path, source=_source_name(root, path))
+               for k, (path, ext, label, _) in zip(keys, files)]
     return samples, list(classes), skipped
 
 
@@ -88,6 +92,15 @@ def numbered_classes(folders: list[str]) -> list[str] | None:
     if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in folders):
         return None  # zero-padded numbers sort as strings already
     return [str(label) for label in range(max(int(name) for name in folders) + 1)]
+def _source_name(root: Path, path: Path) -> str | None:
+    """The file name relative to the tree; None when it is not one line of UTF-8 text (a list names an image
+    per line, and the tar member holds UTF-8)."""
+    name = path.relative_to(root).as_posix()
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return None if "\n" in name or "\r" in name else name
 
 
 def shuffled(samples: list[SampleSource], seed: int) -> list[SampleSource]:
@@ -117,5 +130,8 @@ def write_shards(samples: Iterable[SampleSource], pattern: str, *, maxcount: int
     # mtime=0: the same samples always make byte-identical shards (same fingerprints, same caches).
     with wds.ShardWriter(pattern + ".partial", maxcount=maxcount, maxsize=maxsize, verbose=0, post=publish, mtime=0) as writer:
         for sample in samples:
-            writer.write({"__key__": sample.key, sample.ext: sample.image_bytes(), "cls": sample.label})
+            record = {"__key__": sample.key, sample.ext: sample.image_bytes(), "cls": sample.label}
+            if sample.source is not None:
+                record[SOURCE_EXT] = sample.source.encode("utf-8")
+            writer.write(record)
     return written

@@ -3,7 +3,8 @@
 A sample is the group of tar members that share a key, exactly as WebDataset groups them: the key is
 the member path up to the first dot of its basename, the extension (lower-cased) names the field.
 `scan_shard` reads a shard once, start to end, and records what the manifest needs (keys, labels,
-where each image's bytes lie) while fingerprinting the file in the same pass.
+where each image's bytes lie, and each image's original file name where a `.source.txt` member gives
+it) while fingerprinting the file in the same pass.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .hashing import HashingReader
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # WebDataset skips members named like __meta__; so do we, so that our keys match its keys.
 _WDS_META = re.compile(r"__[^/]*__($|/)")
+# The member holding an image's original file name, relative to its folder tree (written by `shard`).
+SOURCE_EXT = "source.txt"
 
 
 def expand_shard_patterns(patterns: list[str]) -> list[Path]:
@@ -58,6 +61,7 @@ class ShardScan:
     image_exts: list[str]
     image_offsets: list[int]  # byte offset of the image member's data inside the tar
     image_sizes: list[int]  # byte length of the image member
+    sources: list[str | None]  # original file name (a .source.txt member), None where the sample has none
 
 
 def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int:
@@ -76,6 +80,19 @@ def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int:
         ) from None
 
 
+def _parse_source(shard: str, key: str, data: bytes) -> str:
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError:
+        source = ""
+    if not source or "\n" in source or "\r" in source:
+        raise UserError(
+            f"shard {shard}, key {key!r}: its .{SOURCE_EXT} member is not a one-line UTF-8 file name; "
+            "rebuild the shard, or remove the member"
+        )
+    return source
+
+
 def scan_shard(path: Path) -> ShardScan:
     """Read a shard once: keys, labels, image locations, and the file's sha256. No image decoding."""
     name = str(path)
@@ -84,6 +101,7 @@ def scan_shard(path: Path) -> ShardScan:
     exts: list[str] = []
     offsets: list[int] = []
     sizes: list[int] = []
+    sources: list[str | None] = []
     seen: set[str] = set()
     current: dict | None = None
 
@@ -111,6 +129,7 @@ def scan_shard(path: Path) -> ShardScan:
         exts.append(image_ext)
         offsets.append(offset)
         sizes.append(size)
+        sources.append(sample["source"])
 
     try:
         with open(path, "rb") as raw:
@@ -125,7 +144,7 @@ def scan_shard(path: Path) -> ShardScan:
                     ext = ext.lower()
                     if current is None or current["key"] != key:
                         close_sample(current)
-                        current = {"key": key, "members": {}, "label": None}
+                        current = {"key": key, "members": {}, "label": None, "source": None}
                     if ext in current["members"]:
                         raise UserError(f"shard {name}, key {key!r}: member .{ext} occurs twice")
                     current["members"][ext] = (member.offset_data, member.size)
@@ -133,6 +152,8 @@ def scan_shard(path: Path) -> ShardScan:
                         data = archive.extractfile(member).read()
                         if ext == "cls" or b'"label"' in data:
                             current["label"] = _parse_label(name, key, ext, data)
+                    elif ext == SOURCE_EXT:
+                        current["source"] = _parse_source(name, key, archive.extractfile(member).read())
                 close_sample(current)
                 end_of_members = archive.offset
             fingerprint = reader.finish()
@@ -155,6 +176,7 @@ def scan_shard(path: Path) -> ShardScan:
         image_exts=exts,
         image_offsets=offsets,
         image_sizes=sizes,
+        sources=sources,
     )
 
 

@@ -17,9 +17,12 @@ A DataLoader worker w of W produces batches b = first + w, first + w + W, ...; t
 them out round-robin, so the main process receives batches in stream order.
 
 The view a sample shows at stream epoch e is view (e + h) mod V, h a per-sample hash: views are
-covered evenly and differ between neighbours. Its pixels are the original image cropped by the
+covered evenly and differ between neighbours. With `crops_only` (the reference never trains on a
+whole-image view) it is view 1 + (e + h) mod (V - 1): the random crops only, never view 0. Its pixels are the original image cropped by the
 cached box, flipped as recorded, resized to the student's input (views.render_view), so teacher and
-student always see the same view.
+student always see the same view; with `via_size` (the reference's resampling) it is rendered at the
+teacher's size first and resized from there. Evaluation shows the centred square, or with
+`eval_view="reference"` the reference's evaluation chain (views.render_reference_eval).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .cache_reader import CacheReader, CachedViews
 from .errors import UserError
 from .manifest import Manifest
-from .views import ViewPolicy, center_box, decode_rgb, describe_decode_error, draw_view, render_view
+from .views import (ViewPolicy, center_box, decode_rgb, describe_decode_error, draw_view, render_reference_eval,
+                    render_view)
 
 SHARDS_PER_GROUP = 4  # unlabeled shards whose samples are shuffled together
 
@@ -243,15 +247,19 @@ class StudentBatches(IterableDataset):
     (for a teacher run online); with neither, the student's evaluation view: its centred square
     (`eval_crop` of the shorter side).
     `extra_sizes` renders the same views at more sizes (an online teacher's input) as "pixels_<h>".
+    `via_size` renders the student's training views through that size (the reference's two resizes);
+    `eval_view` "reference" renders the evaluation view as the reference does.
     """
 
     def __init__(self, table: SampleTable, stream, image_size: tuple[int, int], *, rows=None, num_views: int = 1,
                  first_batch: int = 0, num_batches: int | None = None, extra_sizes: tuple = (),
-                 online_views: ViewPolicy | None = None, eval_crop: float = 1.0):
+                 online_views: ViewPolicy | None = None, via_size: tuple[int, int] | None = None,
+                 eval_view: str = "center-square", eval_crop: float = 1.0, crops_only: bool = False):
         self.table, self.stream, self.image_size, self.rows = table, stream, image_size, rows
         self.eval_crop = eval_crop
         self.num_views, self.first_batch, self.num_batches = num_views, first_batch, num_batches
         self.extra_sizes, self.online_views = extra_sizes, online_views
+        self.via_size, self.eval_view, self.crops_only = via_size, eval_view, crops_only
 
     def __iter__(self):
         worker = get_worker_info()
@@ -274,12 +282,20 @@ class StudentBatches(IterableDataset):
             return np.stack([box for box, _ in drawn]), np.array([flip for _, flip in drawn]), None
         if self.rows is None:
             return np.stack([center_box(*image.size, self.eval_crop) for image in images]), np.zeros(n, bool), None
+        first, count = (1, self.num_views - 1) if self.crops_only else (0, self.num_views)
         views = np.array([
-            (epoch + _view_offset(self.table.shard_names[self.table.shard[i]], self.table.key(i))) % self.num_views
+            first + (epoch + _view_offset(self.table.shard_names[self.table.shard[i]], self.table.key(i))) % count
             for i, epoch in zip(sample_ids, epochs)
         ])
         targets = self.rows.get(sample_ids).pick(views)
         return targets.boxes.numpy().astype(np.uint16), targets.flips.numpy(), targets
+
+    def _student_pixels(self, image, box, flip) -> np.ndarray:
+        if self.rows is None and self.online_views is None:  # evaluation
+            if self.eval_view == "reference":
+                return render_reference_eval(image, self.image_size)
+            return render_view(image, box, bool(flip), self.image_size)
+        return render_view(image, box, bool(flip), self.image_size, via=self.via_size)
 
     def _batch(self, reader: _ImageReader, index: int) -> dict:
         sample_ids, epochs = self.stream.batch(index)
@@ -302,7 +318,7 @@ class StudentBatches(IterableDataset):
             "boxes": torch.from_numpy(boxes.astype(np.int32)),
             "flips": torch.from_numpy(np.asarray(flips, bool)),
             "pixels": torch.from_numpy(np.stack([
-                render_view(image, box, bool(flip), self.image_size) for image, box, flip in zip(images, boxes, flips)
+                self._student_pixels(image, box, flip) for image, box, flip in zip(images, boxes, flips)
             ])),
         }
         for size in self.extra_sizes:
@@ -317,17 +333,20 @@ class StudentBatches(IterableDataset):
 def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, image_size,
                      micro_batch: int, seed: int, rank: int, world: int, positions: dict[str, int], workers: int,
                      reader: CacheReader | None = None, online_views: ViewPolicy | None = None,
-                     teacher_size: tuple[int, int] | None = None, pin_memory: bool = False) -> dict:
+                     teacher_size: tuple[int, int] | None = None, pin_memory: bool = False,
+                     via_size: tuple[int, int] | None = None, crops_only: bool = False) -> dict:
     """DataLoaders of the labeled and (unless None) unlabeled streams, from batch `positions[name]` on.
 
-    With a cache `reader` each sample shows a cached view with its teacher targets; with `online_views`
-    a fresh view per epoch, also rendered at `teacher_size` for a teacher run online.
+    With a cache `reader` each sample shows a cached view with its teacher targets (with `crops_only`,
+    never view 0, the whole-image view); with `online_views` a fresh view per epoch, also rendered at
+    `teacher_size` for a teacher run online. `via_size`: student views rendered through that size.
     """
 
     def loader(order, first, rows):
         dataset = StudentBatches(
             table, IdStream(order, micro_batch), image_size, rows=rows, num_views=reader.num_views if reader else 1,
             first_batch=first, online_views=online_views, extra_sizes=(teacher_size,) if teacher_size else (),
+            via_size=via_size, crops_only=crops_only,
         )
         return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                            persistent_workers=False, prefetch_factor=4 if workers else None)

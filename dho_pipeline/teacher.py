@@ -1,7 +1,10 @@
 """The zero-shot CLIP teacher and the compact summary of its logits that the cache stores.
 
 Teacher logits are `100 * cos(image embedding, class embedding)` over template-averaged class
-embeddings, as in the DHO paper (a fixed 100, not the model's learned logit scale).
+embeddings, as in the DHO paper (a fixed 100, not the model's learned logit scale). `class_embeddings`
+"reference" reproduces the reference's DFN5B path instead (train_imgnet_semi.py: the mean of the
+per-template unit embeddings is not renormalised, so each class's logits are scaled by that mean's
+norm, below 1; docs/fidelity.md).
 
 Per view the cache keeps the top-k logits and the exact log-partition function
 `log sum_c exp(z_c / T)` of the *full* logit vector at each temperature T it was asked for. From those,
@@ -16,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cache_store import CLASS_EMBEDDINGS
 from .clip_models import Preprocess
+from .errors import UserError
 
 LOGIT_SCALE = 100.0
 
@@ -24,10 +29,12 @@ LOGIT_SCALE = 100.0
 class ZeroShotTeacher(torch.nn.Module):
     """A CLIP image tower plus a fixed zero-shot classifier; images in, class logits out."""
 
-    def __init__(self, visual: torch.nn.Module, class_embeddings: torch.Tensor, logit_scale: float = LOGIT_SCALE):
+    def __init__(self, visual: torch.nn.Module, class_embeddings: torch.Tensor, logit_scale: float = LOGIT_SCALE,
+                 renormalize: bool = True):
         super().__init__()
         self.visual = visual
-        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        embeddings = class_embeddings.float()
+        self.register_buffer("class_embeddings", F.normalize(embeddings, dim=-1) if renormalize else embeddings)
         self.logit_scale = logit_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,16 +103,22 @@ class LoadedTeacher:
 
 def load_zero_shot_teacher(model: str, pretrained: str, classnames: list[str], templates: list[str], *,
                            device, dtype: torch.dtype = torch.float32, compile: bool = False,
-                           batch_size: int | None = None, resize: str | None = None) -> LoadedTeacher:
+                           batch_size: int | None = None, resize: str | None = None,
+                           class_embeddings: str = "unit") -> LoadedTeacher:
     """An open_clip model as a zero-shot classifier on `device`: its image tower plus the class embeddings
-    of `classnames` x `templates` (normalised per template, averaged, renormalised). The text tower is
-    dropped once the embeddings exist. Used by cache-teacher and by train's online-teacher mode alike."""
+    of `classnames` x `templates` (normalised per template, averaged, and renormalised unless
+    `class_embeddings` is "reference"). The text tower is dropped once the embeddings exist. Used by
+    cache-teacher and by train's online-teacher mode alike."""
     from .clip_models import class_text_embeddings, load_clip
 
+    if class_embeddings not in CLASS_EMBEDDINGS:
+        raise UserError(f"class embeddings must be one of {', '.join(CLASS_EMBEDDINGS)}, not {class_embeddings!r}")
+    renormalize = class_embeddings == "unit"
     loaded = load_clip(model, pretrained, resize=resize)
-    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, device=device)
-    runner = TeacherRunner(ZeroShotTeacher(loaded.model.visual, embeddings).to(device), dtype=dtype,
-                           compile=compile, batch_size=batch_size)
+    embeddings = class_text_embeddings(loaded, classnames, templates, normalize=True, renormalize=renormalize,
+                                       device=device)
+    runner = TeacherRunner(ZeroShotTeacher(loaded.model.visual, embeddings, renormalize=renormalize).to(device),
+                           dtype=dtype, compile=compile, batch_size=batch_size)
     return LoadedTeacher(runner=runner, preprocess=loaded.preprocess, description=loaded.describe())
 
 

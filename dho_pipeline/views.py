@@ -6,6 +6,12 @@ from the *stored* box, so the teacher (stage one) and the student (stage two) cr
 region: crop the box, resize the crop to the model's input size (bicubic, antialiased, no further
 cropping), then mirror it if the flip bit is set. Normalisation happens on the device.
 
+Two switches reproduce the DHO reference's resampling (train_imgnet_semi.py, `DualSizeDataset`):
+`render_view(..., via=(378, 378))` renders a training view at the teacher's size first and resizes that
+to the student's (crop -> 378 -> 224, two bicubic resizes; ours: crop -> 224 once), and
+`render_reference_eval` is its evaluation view (shorter side to 378 bilinear, centre crop 378, bicubic
+to 224; ours: the centred square, one bicubic resize). docs/fidelity.md measures the differences.
+
 View 0 is the teacher's evaluation view: the whole image for teachers that squash-resize (DFN5B),
 the centred square for teachers that resize the shortest side and centre-crop (OpenAI CLIP).
 Views 1..V-1 are RandomResizedCrop boxes (scale and aspect ratio as torchvision draws them, computed
@@ -29,6 +35,9 @@ VIEW0_WHOLE = "whole"
 VIEW0_CENTER_SQUARE = "center-square"
 RESIZE_TO_VIEW0 = {"squash": VIEW0_WHOLE, "shortest": VIEW0_CENTER_SQUARE}
 RESIZE_MODES = tuple(RESIZE_TO_VIEW0)  # how a model brings an image to its input size: squash, or shortest side + centre crop
+EVAL_VIEWS = ("center-square", "reference")  # a student's evaluation view: ours, or the reference's chain
+TRAIN_RESIZES = ("direct", "reference")  # a training view: crop -> student size, or crop -> teacher size -> student size
+REFERENCE_EVAL_SIZE = 378  # the reference's shared evaluation resolution (its DFN5B teacher's input size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,12 +151,17 @@ def _snap(pixel: float) -> float:
     return float(nearest) if abs(pixel - nearest) < 0.01 else pixel
 
 
-def render_view(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int, int]) -> np.ndarray:
+def render_view(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int, int],
+                via: tuple[int, int] | None = None) -> np.ndarray:
     """Crop `box` (uint16 fractions) out of an RGB image, resize to `size` = (height, width), flip.
 
     Returns uint8 [height, width, 3]. The box keeps its fractional edges (no rounding to whole
-    pixels); PIL's bicubic filter antialiases when it shrinks.
+    pixels); PIL's bicubic filter antialiases when it shrinks. With `via`, the view is rendered (and
+    flipped) at that size first and then resized to `size`, bicubic, as the reference's student views are.
     """
+    if via is not None and tuple(via) != tuple(size):
+        rendered = Image.fromarray(render_view(image, box, flip, via))
+        return np.asarray(rendered.resize((size[1], size[0]), Image.Resampling.BICUBIC), dtype=np.uint8)
     width, height = image.size
     fx0, fy0, fx1, fy1 = box_fractions(box)
     x0, y0, x1, y1 = (_snap(v) for v in (fx0 * width, fy0 * height, fx1 * width, fy1 * height))
@@ -160,6 +174,23 @@ def render_view(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int
     if flip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(view, dtype=np.uint8)
+
+
+def render_reference_eval(image: Image.Image, size: tuple[int, int], via: int = REFERENCE_EVAL_SIZE) -> np.ndarray:
+    """The reference's evaluation view of an RGB image, uint8 [height, width, 3]: the shorter side resized to
+    `via` (bilinear, torchvision's default; the longer side truncated to an integer), the centred `via` x
+    `via` square cropped (offsets rounded as torchvision rounds them), resized to `size` (bicubic). A
+    resize to the size an image already has is skipped, as torchvision skips it."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    scaled = (via, int(via * long / short)) if width <= height else (int(via * long / short), via)
+    if scaled != image.size:
+        image = image.resize(scaled, Image.Resampling.BILINEAR)
+    left, top = int(round((image.width - via) / 2.0)), int(round((image.height - via) / 2.0))
+    image = image.crop((left, top, left + via, top + via))
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def describe_decode_error(error: BaseException) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from dho_pipeline.cache_store import COMPRESSIONS, DEFAULT_COMPRESSION
+from dho_pipeline.cache_store import CLASS_EMBEDDINGS, COMPRESSIONS, DEFAULT_COMPRESSION
 from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
@@ -60,6 +60,10 @@ class Config:
                             help="An undecodable image: stop naming it, or record it as missing.")
     crop_scale: tuple[float, float] = setting((0.5, 1.0), help="RandomResizedCrop area range of views 1..V-1.")
     compression: str = setting(DEFAULT_COMPRESSION, choices=COMPRESSIONS, help="Codec of the cache's arrays.")
+    class_embeddings: str = setting(
+        "unit", choices=CLASS_EMBEDDINGS,
+        help="Class embeddings: the template mean of unit text embeddings renormalised ('unit'), or not ('reference', "
+             "the reference's DFN5B teacher: logits scaled by that mean's norm). Recorded in the cache.")
 
     def __post_init__(self):
         if self.views < 1:
@@ -76,6 +80,8 @@ class Config:
             raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.class_embeddings not in CLASS_EMBEDDINGS:
+            raise UserError(f"--class-embeddings must be one of {', '.join(CLASS_EMBEDDINGS)}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UserError("--crop-scale takes two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1")
 
@@ -125,6 +131,7 @@ def run(config: Config) -> dict:
         loaded = load_zero_shot_teacher(
             config.teacher, config.pretrained, classnames, templates, device=device, dtype=precision_dtype(precision),
             compile=compiled, batch_size=_views_per_batch(config), resize=config.resize,
+            class_embeddings=config.class_embeddings,
         )
         teacher, preprocess = loaded.runner, loaded.preprocess
         if state.is_main_process:
@@ -148,6 +155,7 @@ def run(config: Config) -> dict:
             logit_scale=LOGIT_SCALE,
             manifest_fingerprint=manifest.fingerprint,
             shards=[{"name": s.name, "num_samples": s.num_samples} for s in manifest.shards],
+            class_embeddings=config.class_embeddings,
         )
 
         # ---- cache: rank 0 creates it (or checks that a resumed one matches), others follow ------

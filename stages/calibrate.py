@@ -22,6 +22,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.views import EVAL_VIEWS
+
 from .common import PRECISIONS
 from .options import setting
 
@@ -43,6 +45,9 @@ class Config:
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
     precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
                                     help="Autocast precision.")
+    eval_view: str = setting("center-square", choices=EVAL_VIEWS,
+                             help="Each image's view: the centred square, one bicubic resize; or 'reference': "
+                                  "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
 
 
 def _calibration_ids(config: Config, manifest):
@@ -92,6 +97,7 @@ def run(config: Config) -> dict:
     logits = student_logits_on(
         loaded, manifest, ids, rank=state.process_index, world=state.num_processes, batch_size=config.batch_size,
         workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
+        eval_view=config.eval_view,
     )
     total = len(ids)  # each process evaluated its share; together, every id once
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.views import EVAL_VIEWS
+
 from .common import PRECISIONS
 from .options import setting
 
@@ -39,6 +41,9 @@ class Config:
                                     help="Autocast precision.")
     class_subset: str | None = setting(None, help="Only these classes: imagenet-a, imagenet-r, or a file of WordNet "
                                        "ids or class indices (both heads' logits restricted before the mix).")
+    eval_view: str = setting("center-square", choices=EVAL_VIEWS,
+                             help="Each image's view: the centred square, one bicubic resize; or 'reference': "
+                                  "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
 
 
 def load_inputs(config):
@@ -63,12 +68,12 @@ def run(config: Config) -> dict:
     loaded, manifest, state, device, precision = load_inputs(config)
     report = evaluate_loaded(loaded, manifest, state=state, device=device, precision=precision, alpha=config.alpha,
                              beta=config.beta, class_subset=config.class_subset, batch_size=config.batch_size,
-                             workers=config.workers)
+                             workers=config.workers, eval_view=config.eval_view)
     return {**report, "checkpoint": str(config.checkpoint), "data": list(config.data)}
 
 
 def evaluate_loaded(loaded, manifest, *, state, device, precision, alpha, beta, class_subset, batch_size,
-                    workers) -> dict:
+                    workers, eval_view: str = "center-square") -> dict:
     """The report of a loaded student on a manifest (alpha/beta None: the checkpoint's), on `class_subset`'s
     classes only if given; under torchrun each process evaluates its share and the sums are reduced."""
     import numpy as np
@@ -92,6 +97,7 @@ def evaluate_loaded(loaded, manifest, *, state, device, precision, alpha, beta, 
     logits = student_logits_on(
         loaded, manifest, np.arange(manifest.num_samples), rank=state.process_index, world=state.num_processes,
         batch_size=batch_size, workers=workers, device=device, autocast=lambda: autocast(device, precision),
+        eval_view=eval_view,
     )
     if subset is not None:
         logits = subset.restrict(logits)

@@ -9,10 +9,14 @@ from the cache, per view. Each optimiser step takes
 `batch_size` labeled and `batch_size` unlabeled samples (global, over all processes and accumulation
 micro-steps); an epoch is one pass over the unlabeled set, the labeled stream cycles. The losses are
 the library's (dho_pipeline.objectives): for DHO, CE(ce_head(x_l), y) + KD(kd_head(x_l)) + KD(kd_head(x_u)).
-The learning rate follows dho_pipeline.schedule.warmup_cosine.
+The learning rate follows dho_pipeline.schedule (`--lr-schedule`). Every setting in which the DHO
+reference implementation differs from ours has a switch whose value `reference` reproduces it (lr
+schedule, steps per epoch, views shown, student resampling, evaluation view; docs/fidelity.md); the
+paper's recipes select them all.
 
-Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/` (or the --report-to trackers'), `checkpoints/step-N/`
-(resumable state, written whole or not at all), and `student.pt` in the released checkpoint format.
+Outputs in RUN_DIR: `config.json` (resolved), `metrics.jsonl`, `tensorboard/` (or the --report-to
+trackers'), `checkpoints/step-N/` (resumable state, written whole or not at all), and `student.pt` in
+the released checkpoint format.
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dho_pipeline.cache_store import CLASS_EMBEDDINGS
 from dho_pipeline.errors import UserError
+from dho_pipeline.schedule import EPOCH_STEPS, LR_SCHEDULES
+from dho_pipeline.split import RULES as SPLIT_RULES
+from dho_pipeline.views import EVAL_VIEWS, TRAIN_RESIZES
 
 from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, read_recipe, setting
 from .trackers import CHOICES as TRACKER_CHOICES
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
+TRAIN_VIEWS = ("all", "crops")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +65,33 @@ class Config:
     batch_size: int = setting(256, help="Labeled (and as many unlabeled) samples per optimiser step, global.")
     lr: float = setting(5e-5, help="Peak learning rate (AdamW).")
     weight_decay: float = setting(0.05, help="AdamW weight decay.")
-    warmup_steps: int = setting(5000, help="Linear warm-up steps, capped at a tenth of the run.")
+    warmup_steps: int = setting(5000, help="Linear warm-up steps (warmup-cosine caps them at a tenth of the run).")
+    lr_schedule: str = setting(
+        "warmup-cosine", choices=LR_SCHEDULES,
+        help="Warm-up from 0 then cosine to 0; or 'reference': LinearLR from 0.01 times a cosine of period total - "
+             "warm-up, multiplied from step 0 (it rises again over the last warm-up steps).")
+    epoch_steps: str = setting(
+        "floor", choices=EPOCH_STEPS,
+        help="Steps per epoch: whole global batches of the unlabeled set; or 'reference': ceil over each process's "
+             "padded share, as a DistributedSampler loader counts them.")
+    train_views: str = setting(
+        "all", choices=TRAIN_VIEWS,
+        help="Cached views a sample shows: all; or 'crops': never view 0 (the whole image; the reference trains "
+             "on random crops only). 'crops' needs 2+ cached views.")
+    train_resize: str = setting(
+        "direct", choices=TRAIN_RESIZES,
+        help="Student training views: crop -> student size, one bicubic resize; or 'reference': crop -> teacher size "
+             "-> student size, two.")
+    eval_view: str = setting(
+        "center-square", choices=EVAL_VIEWS,
+        help="View of the eval-data images: the centred square, one bicubic resize; or 'reference': Resize(378) bilinear, "
+             "CenterCrop(378), Resize bicubic.")
+    split_rule: str | None = setting(
+        None, choices=(*SPLIT_RULES, "list"), default_text="any",
+        help="Refuse a split drawn by another rule (the paper's recipes ask for 'reference').")
+    teacher_class_embeddings: str | None = setting(
+        None, choices=CLASS_EMBEDDINGS, default_text="the cache's; online: unit",
+        help="With a cache: refuse unless it was built with these class embeddings. Online: the teacher's.")
     precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
                                     help="Autocast precision of the training step.")
     compile: bool | None = setting(None, default_text="on GPUs",
@@ -110,6 +145,11 @@ class Config:
             raise UserError("train needs --cache (or --teacher-online)")
         if self.teacher_online and not (self.teacher and self.teacher_pretrained):
             raise UserError("--teacher-online needs --teacher and --teacher-pretrained")
+        choices = {"lr_schedule": LR_SCHEDULES, "epoch_steps": EPOCH_STEPS, "train_views": TRAIN_VIEWS,
+                   "train_resize": TRAIN_RESIZES, "eval_view": EVAL_VIEWS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -123,7 +163,8 @@ class Config:
 # Settings that shape the training trajectory: a resumed run must not change them.
 _TRAJECTORY = ("student", "pretrained", "head", "objective", "tail", "temperature", "loss_weights", "epochs",
                "batch_size", "lr", "weight_decay", "warmup_steps", "grad_accum", "seed", "teacher_online",
-               "teacher", "teacher_pretrained", "crop_scale")
+               "teacher", "teacher_pretrained", "crop_scale", "lr_schedule", "epoch_steps", "train_views",
+               "train_resize", "teacher_class_embeddings")
 
 
 def load_recipe(path: Path) -> dict:
@@ -156,6 +197,10 @@ def _check_inputs(config: Config):
 
     manifest = load_manifest(config.manifest)
     split = load_split(config.split)
+    rule = split.method.get("rule", "list" if split.method.get("from_list") else "balanced")  # older splits: no rule
+    if config.split_rule is not None and rule != config.split_rule:
+        raise UserError(f"split {config.split} was drawn by rule {rule!r}, not {config.split_rule!r}; draw it with "
+                        f"`dho-pipeline split --rule {config.split_rule}` (or drop --split-rule)")
     if config.teacher_online:
         classnames = read_classnames(config.classnames or IMAGENET_CLASSNAMES)
         templates = read_templates(config.templates or IMAGENET_TEMPLATES)
@@ -168,10 +213,22 @@ def _check_inputs(config: Config):
         reader = CacheReader.open(config.cache, manifest, temperature, classnames=classnames,
                                   classnames_source=str(config.classnames))
         split.check_manifest(manifest, where=f"split {config.split}")
+        _check_cache_settings(config, reader.spec)
         classnames, templates = reader.spec.classnames, reader.spec.templates
     manifest.check_files()
     manifest.check_labels(len(classnames))
     return manifest, reader, split, classnames, templates
+
+
+def _check_cache_settings(config: Config, spec) -> None:
+    """The cache serves the class embeddings and the views this run asks for."""
+    wanted = config.teacher_class_embeddings
+    if wanted is not None and spec.class_embeddings != wanted:
+        raise UserError(f"cache {config.cache} was built with {spec.class_embeddings!r} class embeddings, not {wanted!r}; "
+                        f"build one with `cache-teacher --class-embeddings {wanted}`")
+    if config.train_views == "crops" and spec.num_views < 2:
+        raise UserError(f"--train-views crops needs a cache with random crops (views 1..V-1); cache {config.cache} "
+                        "holds only view 0: build it with --views 2 or more")
 
 
 def _samples(config, manifest, reader, split):
@@ -203,7 +260,7 @@ def run(config: Config) -> dict:
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline.backbones import build_backbone
     from dho_pipeline.pixels import Normalizer
-    from dho_pipeline.schedule import StepPlan, warmup_cosine
+    from dho_pipeline.schedule import StepPlan, learning_rate
     from dho_pipeline.student import build_student
     from dho_pipeline.student_data import training_loaders
 
@@ -278,8 +335,17 @@ def run(config: Config) -> dict:
         rank=accelerator.process_index, world=accelerator.num_processes, positions=positions, workers=config.workers,
         reader=reader, online_views=teacher.views if teacher else None,
         teacher_size=teacher.image_size if teacher else None, pin_memory=device.type == "cuda",
+        via_size=_teacher_size(reader, teacher) if config.train_resize == "reference" else None,
+        crops_only=config.train_views == "crops",
     )
-    plan = StepPlan.of(num_unlabeled=counts["unlabeled"], batch_size=config.batch_size, epochs=config.epochs)
+    plan = StepPlan.of(num_unlabeled=counts["unlabeled"], batch_size=config.batch_size, epochs=config.epochs,
+                       rounding=config.epoch_steps, world=accelerator.num_processes)
+
+    def lr_at(step: int) -> float:
+        return learning_rate(config.lr_schedule, step, base_lr=config.lr, warmup_steps=config.warmup_steps,
+                             total_steps=plan.total_steps)
+
+    lr_at(0)  # a schedule that cannot serve this run refuses now, before any step
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
     evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess, classnames)
     if accelerator.is_main_process:
@@ -300,7 +366,7 @@ def run(config: Config) -> dict:
                dynamic_ncols=True)
     with bar:  # closed (and its line ended) on the way out, errors included
         while step < last_step:
-            lr = warmup_cosine(step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=plan.total_steps)
+            lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             student.train()
@@ -415,6 +481,11 @@ def _student_checkpoint(config, student, spec, preprocess, classnames, templates
                              alpha=alpha, beta=beta, metadata=metadata)
 
 
+def _teacher_size(reader, teacher) -> tuple[int, int]:
+    """The teacher's input size: the reference renders each view there first (378 for DFN5B)."""
+    return tuple(reader.spec.preprocess["image_size"]) if reader else teacher.image_size
+
+
 def _online_teacher(config: Config, classnames, templates, device, precision, compiled, batch_size):
     """--teacher-online: the zero-shot teacher, built and run exactly as cache-teacher runs it."""
     from dho_pipeline.teacher import OnlineTeacher, load_zero_shot_teacher
@@ -422,7 +493,8 @@ def _online_teacher(config: Config, classnames, templates, device, precision, co
     from .common import precision_dtype
 
     loaded = load_zero_shot_teacher(config.teacher, config.teacher_pretrained, classnames, templates, device=device,
-                                    dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size)
+                                    dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size,
+                                    class_embeddings=config.teacher_class_embeddings or "unit")
     return OnlineTeacher(loaded, seed=config.seed, crop_scale=config.crop_scale, device=device)
 
 
@@ -447,6 +519,7 @@ def _evaluator(config: Config, accelerator, student, normalize, preprocess, clas
             student, table, np.arange(len(table.label)), preprocess.image_size, normalize,
             rank=accelerator.process_index, world=accelerator.num_processes, batch_size=config.eval_batch_size,
             workers=config.workers, autocast=accelerator.autocast, crop=preprocess.crop_fraction,
+            eval_view=config.eval_view,
         )
         stats = reduce_sum(accelerator.state, sufficient_statistics(logits, 0.5, 0.5, len(classnames)))
         report = finish_statistics(stats, len(classnames))

@@ -44,8 +44,9 @@ def test_class_balanced_draw_with_holdout(manifest, tmp_path):
     assert load_split(tmp_path / "other.json").labeled != split.labeled
 
 
-def test_reference_counts_on_an_imagenet_sized_class_layout():
-    """13 per class at 1% and 128 at 10% for ImageNet's 1,281,167 images in 1000 classes."""
+def test_balanced_counts_on_an_imagenet_sized_class_layout():
+    """--rule balanced: round(p * N / C) per class, 13 at 1% and 128 at 10% for ImageNet's 1,281,167 images in
+    1000 classes (the reference's rule gives 128,286 at 10%: tests/test_reference_split.py)."""
     from dho_pipeline.split import draw_split
     from dho_pipeline.manifest import ShardEntry, build_manifest
 
@@ -62,6 +63,7 @@ def test_reference_counts_on_an_imagenet_sized_class_layout():
     ten = draw_split(manifest, percent=10, seed=13)
     assert one.num_labeled == 13000 and set(Counter(np.array(labels)[one.labeled["all.tar"]]).values()) == {13}
     assert ten.num_labeled == 128000 and set(Counter(np.array(labels)[ten.labeled["all.tar"]]).values()) == {128}
+    assert one.method["rule"] == "balanced"
 
 
 def test_split_from_a_list_of_image_names(manifest, tmp_path):
