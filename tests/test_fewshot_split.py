@@ -35,7 +35,8 @@ def test_shots_per_class_with_holdout_and_the_rest_unlabeled(manifest, tmp_path)
     for a, b, c in zip(split.labeled_mask(m), split.holdout_mask(m), split.unlabeled_mask(m)):
         assert not (a & b).any() and (a | b | c).all() and not (c & (a | b)).any()
     document = json.loads(out.read_text())
-    assert document["method"] == {"shots": 4, "seed": 1, "holdout_per_class": 2, "percent": None, "from_list": None}
+    assert document["method"] == {"rule": "shots", "shots": 4, "seed": 1, "holdout_per_class": 2, "percent": None,
+                                  "from_list": None}
 
 
 def test_the_draw_is_deterministic_and_depends_on_the_seed(manifest, tmp_path):
