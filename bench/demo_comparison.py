@@ -4,7 +4,9 @@
 
 Runs `dho-pipeline demo` once per (seed, percent) (each seed in its own folder, so its teacher caches
 are shared by the two label budgets), then prints mean and standard deviation over seeds per method,
-checks the expectations the paper implies, and writes everything to <out>/comparison.json.
+checks the expectations the paper implies, and writes everything to demo_comparison-<epochs>epochs.json in
+--results (default --out), with the command, commit, machine and date (bench/common.py). Published figures:
+--results bench/results/<machine>-<date> (the demo runs themselves stay in --out).
 Prints measured figures; asserts nothing. About 2 minutes per run on 2 CPU cores.
 """
 
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import save
 
 EXPECTATIONS = [
     # (description, percent or None for both, check(mean accuracies) -> bool)
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--percents", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/demo"))
     parser.add_argument("--epochs", type=int, help="epochs per training run (default: the demo's)")
+    parser.add_argument("--results", type=Path, help="folder for the JSON (default: --out)")
     args = parser.parse_args()
     cli = Path(sys.executable).parent / "dho-pipeline"
     runs = {}
@@ -90,12 +95,10 @@ def main() -> None:
         print(f"  {'holds' if held else 'FAILS'}: cached several-view within noise of online at {percent:g}% "
               f"(gap {100 * gap:+.1f} points, 2 x std {200 * noise:.1f})")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comparison.json").write_text(json.dumps({
+    save(f"demo_comparison-{epochs}epochs", {
         "seeds": args.seeds, "percents": args.percents, "epochs": epochs, "summary": summary, "checks": checks,
         "runs": {f"seed{s}-{p:g}pct": r for (s, p), r in runs.items()},
-    }, indent=2) + "\n")
-    print(f"\nwrote {args.out / 'comparison.json'}")
+    }, out=args.results or args.out)
 
 
 if __name__ == "__main__":

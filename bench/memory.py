@@ -1,6 +1,6 @@
 """Peak host memory of stage one and stage two as the data set grows 10x (same shard size).
 
-    .venv/bin/python bench/memory.py [--shards 3 --per-shard 64]
+    BENCH_OUT=bench/results/cpu-2026-11-30 .venv/bin/python bench/memory.py [--shards 3 --per-shard 64]
 
 Each measurement is a fresh `dho-pipeline` process (no DataLoader workers, so one process holds all
 the memory), its peak resident set size read from the kernel (GNU time). Stage one: cache-teacher over
@@ -59,7 +59,7 @@ def main() -> None:
         print(f"{row['shards']:>4} shards ({row['samples']} images): cache-teacher peak {row['cache_teacher_peak_mb']:.0f} MB, "
               f"train peak {row['train_peak_mb']:.0f} MB")
     growth = {k: large[k] / small[k] for k in ("cache_teacher_peak_mb", "train_peak_mb")}
-    print(f"10x the shards: cache-teacher x{growth['cache_teacher_peak_mb']:.2f}, train x{growth['train_peak_mb']:.2f}")
+    print(f"10x the shards: cache-teacher {growth['cache_teacher_peak_mb']:.2f}x, train {growth['train_peak_mb']:.2f}x")
     save("memory", {"small": small, "large": large, "growth": growth})
 
 
