@@ -35,7 +35,7 @@ def build(folder: Path, shards: int, per_shard: int):
 
 
 def stream(folder: Path, batches: int, batch_size: int, join: bool) -> int:
-    from dho_pipeline.cache_store import TeacherCache
+    from dho_pipeline.cache_reader import CacheReader
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.split import load_split
     from dho_pipeline.student_data import IdStream, SampleTable, ShardRows, StudentBatches, unlabeled_order
@@ -47,8 +47,8 @@ def stream(folder: Path, batches: int, batch_size: int, join: bool) -> int:
     ids = table.ids_of(split.unlabeled_mask(manifest))
     ids_stream = IdStream(unlabeled_order(table, ids, 0, 0, 1), batch_size)
     if join:
-        cache = TeacherCache.open(folder / "c.zarr")
-        dataset = StudentBatches(table, ids_stream, (224, 224), rows=ShardRows(cache, table, 2.0), num_views=8,
+        reader = CacheReader.open(folder / "c.zarr", manifest, 2.0)
+        dataset = StudentBatches(table, ids_stream, (224, 224), rows=ShardRows(reader, table), num_views=8,
                                  num_batches=batches)
     else:
         policy = ViewPolicy(num_views=2**31 - 1, seed=0, view0=VIEW0_WHOLE)
