@@ -22,6 +22,7 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from dho_pipeline.cache_store import COMPRESSIONS, DEFAULT_COMPRESSION
+from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
@@ -59,6 +60,9 @@ class Config:
                             help="An undecodable image: stop naming it, or record it as missing.")
     crop_scale: tuple[float, float] = setting((0.5, 1.0), help="RandomResizedCrop area range of views 1..V-1.")
     compression: str = setting(DEFAULT_COMPRESSION, choices=COMPRESSIONS, help="Codec of the cache's arrays.")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
     def __post_init__(self):
         if self.views < 1:
@@ -101,7 +105,7 @@ def run(config: Config) -> dict:
 
     # ---- inputs, all checked before the teacher is loaded ----------------------------------------
     manifest = load_manifest(config.manifest)
-    manifest.check_files()
+    manifest.check_files(config.verify_shards)
     classnames = read_classnames(config.classnames)
     templates = read_templates(config.templates)
     manifest.check_labels(len(classnames))
@@ -158,7 +162,8 @@ def run(config: Config) -> dict:
         cache = TeacherCache.open(config.out)
         cache.compression = config.compression
         mine = [i for i in range(len(manifest.shards)) if i % state.num_processes == state.process_index]
-        todo = [i for i in mine if not cache.is_complete(i)]
+        damaged = _damaged_shards(cache, manifest, [i for i in mine if cache.is_complete(i)])
+        todo = [i for i in mine if not cache.is_complete(i) or i in damaged]
         if state.is_main_process:
             left = len(cache.incomplete_shards())
             log.info("%d of %d shards already complete; %d to do across %d process(es)",
@@ -197,6 +202,32 @@ def _summarize(cache) -> dict:
     with _disk_errors(cache.path, "writing the run summary of"):
         cache.write_summary(summary)
     return summary
+
+
+def _damaged_shards(cache, manifest, complete: list[int]) -> set[int]:
+    """Complete shards whose rows were lost or damaged since they were written (every chunk against its
+    checksum, every value checked; about a second per 100 MB of cache): these are computed again."""
+    damaged, unchecked = set(), 0
+    for index in complete:
+        shard = manifest.shards[index]
+        problem = cache.shard_problem(index, shard.keys, shard.fingerprint)
+        if problem:
+            log.warning("%s; computing this shard again", problem)
+            damaged.add(index)
+        unchecked += not cache.has_checksums(index)
+    if unchecked:
+        log.warning("%d complete shard(s) of %s were written before checksums were recorded: their values are "
+                    "checked, but a lost chunk can pass unseen (rebuild the cache to add checksums)",
+                    unchecked, cache.path)
+    return damaged
+
+
+def _check_source(manifest, index: int, sha256: str) -> None:
+    """The shard file stage one read, hashed whole as it was read, is the one the manifest describes."""
+    shard = manifest.shards[index]
+    if sha256 != shard.fingerprint:
+        raise UserError(manifest.changed_message(
+            shard, "its sha256, hashed while the teacher read it, differs from the manifest's"))
 
 
 def _views_per_batch(config: Config) -> int:
@@ -263,6 +294,9 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
                     raise UserError(batch["error"])
                 index = batch["shard"]
                 progress = in_progress.setdefault(index, _ShardProgress(new_shard(index)))
+                if batch["sha256"] is not None:
+                    _check_source(manifest, index, batch["sha256"])
+                    progress.data.source_fingerprint = batch["sha256"]
                 progress.read_seconds += batch["read_seconds"]
                 positions = batch["positions"].numpy()
                 missing = batch["missing"].numpy()
@@ -287,7 +321,7 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
 
                 progress.received += len(positions)
                 bar.update(len(positions))
-                if progress.received == len(data.keys):
+                if progress.received == len(data.keys) and data.source_fingerprint is not None:
                     pending.append(writer.submit(write, index, in_progress.pop(index)))
                 for future in [f for f in pending if f.done()]:
                     future.result()  # surface a write error (e.g. disk full) now, not at the end

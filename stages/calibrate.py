@@ -22,6 +22,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.hashing import FILE_CHECKS
+
 from .common import PRECISIONS
 from .options import setting
 
@@ -42,6 +44,9 @@ class Config:
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
     precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
                                     help="Autocast precision.")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
 
 def _calibration_ids(config: Config, manifest):

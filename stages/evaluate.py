@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.hashing import FILE_CHECKS
+
 from .common import PRECISIONS
 from .options import setting
 
@@ -32,6 +34,9 @@ class Config:
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
     precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
                                     help="Autocast precision.")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
 
 def load_inputs(config):
@@ -43,7 +48,7 @@ def load_inputs(config):
     from .common import process_state, resolve_device, resolve_precision
 
     manifest = manifest_for_data(list(config.data), config.workers)
-    manifest.check_files()
+    manifest.check_files(config.verify_shards)
     classnames = read_classnames(config.classnames) if config.classnames else None
     loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
     manifest.check_labels(len(loaded.classnames), required=True)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dho_pipeline.errors import UserError
+from dho_pipeline.hashing import FILE_CHECKS
 
 from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, read_recipe, setting
@@ -71,6 +72,9 @@ class Config:
     teacher_pretrained: str | None = setting(None, help="Online teacher: open_clip tag, weights file or 'none'.")
     crop_scale: tuple[float, float] = setting((0.5, 1.0), type=FloatList(),
                                               help="Online teacher: RandomResizedCrop area range of the views.")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -146,7 +150,7 @@ def _check_inputs(config: Config):
                                   classnames_source=str(config.classnames))
         split.check_manifest(manifest, where=f"split {config.split}")
         classnames, templates = reader.spec.classnames, reader.spec.templates
-    manifest.check_files()
+    manifest.check_files(config.verify_shards)
     manifest.check_labels(len(classnames))
     return manifest, reader, split, classnames, templates
 
@@ -397,7 +401,7 @@ def _evaluator(config: Config, accelerator, student, normalize, student_size, cl
     from dho_pipeline.student_data import SampleTable
 
     eval_manifest = load_manifest(config.eval_data)
-    eval_manifest.check_files()
+    eval_manifest.check_files(config.verify_shards)
     eval_manifest.check_labels(len(classnames), required=True)
     table = SampleTable.from_manifest(eval_manifest)
 
