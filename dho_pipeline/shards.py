@@ -181,7 +181,7 @@ def _refuse_compressed(path: Path) -> None:
     for magic, (kind, command) in _COMPRESSION_MAGIC.items():
         if head.startswith(magic):
             raise UserError(
-                f"shard {path} is a {kind}-compressed tar; images are read at byte offsets, which needs an "
+                f"shard {path} is a compressed tar ({kind}); images are read at byte offsets, which needs an "
                 f"uncompressed tar: decompress it (e.g. `{command} {path}`) and list the .tar instead"
             )
 

@@ -166,8 +166,10 @@ def run(config: Config) -> dict:
         todo = [i for i in mine if not cache.is_complete(i) or i in damaged]
         if state.is_main_process:
             left = len(cache.incomplete_shards())
-            log.info("%d of %d shards already complete; %d to do across %d process(es)",
-                     len(manifest.shards) - left, len(manifest.shards), left, state.num_processes)
+            log.info("%d of %d shards already complete%s; %d to do across %d process(es)",
+                     len(manifest.shards) - left, len(manifest.shards),
+                     f" ({len(damaged)} of them damaged, computed again)" if damaged else "", left + len(damaged),
+                     state.num_processes)
 
         _cache_shards(config, state, device, teacher, cache, manifest, todo, policy, preprocess)
 
