@@ -28,7 +28,7 @@ from .cache_store import CacheDamage, TeacherCache, value_problem
 from .errors import UserError
 from .manifest import Manifest
 
-_VIEW_ARRAYS = ("key", "missing", "box", "flip", "topk_index", "topk_logit", "log_partition")
+_VIEW_ARRAYS = ("key", "box", "flip", "topk_index", "topk_logit", "log_partition")
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +158,13 @@ class CacheReader:
         """Cached views of a shard's samples (all of them, or those at `positions`), checked: checksums
         of the chunks read, values of the rows read, keys."""
         arrays = self.cache.read_shard(shard, _VIEW_ARRAYS, positions)
-        problem = value_problem(self.spec, arrays)
+        # Which rows stage one recorded as missing (no teacher output to check): from the completion
+        # marker, which is written with the checksums, so one zarr read less per shard.
+        missing = {m["key"] for m in (self.cache.shard_attrs(shard) or {}).get("missing", [])}
+        arrays["missing"] = np.array([str(key) in missing for key in arrays["key"]], dtype=bool) if missing \
+            else np.zeros(len(arrays["key"]), dtype=bool)
+        # Log-partitions: the column this reader serves (none for a full-logit cache computing its own).
+        problem = value_problem(self.spec, arrays, columns=[] if self._column is None else [self._column])
         if problem:
             raise CacheDamage(f"cache {self.path}, shard {self.manifest.shards[shard].name}, {problem}")
         expected = self.manifest.shards[shard].keys

@@ -300,38 +300,61 @@ class TeacherCache:
         group = zarr.open_group(store=str(self.path), path=self.shard_group_name(index), mode="r")
         checksums = attrs.get("checksums")
         result = {}
-        if positions is not None and len(positions) == 0:
-            return {name: group[name][0:0] for name in arrays}
         for name in arrays:
             array = group[name]
             rows = checksums["chunk_rows"] if checksums else array.chunks[0]
-            chunks = range(-(-array.shape[0] // rows)) if positions is None else np.unique(np.asarray(positions) // rows)
-            parts = [self._read_chunk(index, array, name, int(c), rows, checksums) for c in chunks]
-            values = np.concatenate(parts) if len(parts) != 1 else parts[0]
-            if positions is not None:  # rows within the chunks read, which are in ascending order
-                starts = {int(c): sum(len(p) for p in parts[:n]) for n, c in enumerate(chunks)}
-                values = values[[starts[int(p) // rows] + int(p) % rows for p in positions]]
-            result[name] = values
+            if positions is None:  # one read of every row (cheaper than chunk by chunk), checked chunk by chunk
+                values = self._read_rows(index, array, name, 0, array.shape[0], rows)
+                for start in range(0, array.shape[0], rows):
+                    self._check_chunk(index, array, name, start // rows, values[start:start + rows], checksums)
+                result[name] = values
+                continue
+            # Only the chunks holding `positions`, each read and checked whole; then the rows asked for.
+            parts, offsets = [], {}
+            for chunk in np.unique(np.asarray(positions, dtype=np.int64) // rows).tolist():
+                part = self._read_rows(index, array, name, chunk * rows, min((chunk + 1) * rows, array.shape[0]), rows)
+                self._check_chunk(index, array, name, chunk, part, checksums)
+                offsets[chunk] = sum(len(p) for p in parts)
+                parts.append(part)
+            if not parts:
+                result[name] = array[0:0]
+                continue
+            values = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            result[name] = values[[offsets[int(p) // rows] + int(p) % rows for p in positions]]
         return result
 
-    def _read_chunk(self, index: int, array, name: str, chunk: int, rows: int, checksums: dict | None) -> np.ndarray:
-        start, stop = chunk * rows, min((chunk + 1) * rows, array.shape[0])
-        where = f"cache {self.path}, shard {self.spec.shards[index]['name']}, array {name}"
+    def _where(self, index: int, name: str) -> str:
+        return f"cache {self.path}, shard {self.spec.shards[index]['name']}, array {name}"
+
+    def _read_rows(self, index: int, array, name: str, start: int, stop: int, rows: int) -> np.ndarray:
+        """Rows [start, stop) of an array; a chunk that cannot be decoded is named (found chunk by chunk)."""
         try:
-            values = array[start:stop]
-        except Exception as error:  # a damaged chunk surfaces as a codec or IO error
-            raise CacheDamage(f"{where}: chunk {chunk} (rows {start}-{stop - 1}) cannot be decoded "
-                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+            return array[start:stop]
+        except Exception:  # a damaged chunk surfaces as a codec or IO error
+            pass
+        for chunk_start in range(start, stop, rows):
+            chunk_stop = min(chunk_start + rows, stop)
+            try:
+                array[chunk_start:chunk_stop]
+            except Exception as error:
+                text = str(error).splitlines()[0] if str(error) else ""
+                raise CacheDamage(f"{self._where(index, name)}: chunk {chunk_start // rows} (rows {chunk_start}-"
+                                  f"{chunk_stop - 1}) cannot be decoded ({type(error).__name__}: {text})") from None
+        return array[start:stop]  # a passing fault: read again
+
+    def _check_chunk(self, index: int, array, name: str, chunk: int, values: np.ndarray, checksums: dict | None):
+        """A chunk's decoded rows against the digest recorded when it was written (none: nothing to check)."""
         if checksums is None:
-            return values
+            return
         expected = checksums["arrays"].get(name, [])
-        if chunk >= len(expected) or chunk_digest(values) != expected[chunk]:
-            chunk_file = self.path / self.shard_group_name(index) / name / \
-                array.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-            what = f"is missing ({chunk_file.relative_to(self.path)} is gone)" if not chunk_file.exists() \
-                else "does not match its checksum"
-            raise CacheDamage(f"{where}: chunk {chunk} (rows {start}-{stop - 1}) {what}")
-        return values
+        if chunk < len(expected) and chunk_digest(values) == expected[chunk]:
+            return
+        start = chunk * checksums["chunk_rows"]
+        chunk_file = self.path / self.shard_group_name(index) / name / \
+            array.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+        what = f"is missing ({chunk_file.relative_to(self.path)} is gone)" if not chunk_file.exists() \
+            else "does not match its checksum"
+        raise CacheDamage(f"{self._where(index, name)}: chunk {chunk} (rows {start}-{start + len(values) - 1}) {what}")
 
     def shard_problem(self, index: int, keys: list[str] | None = None, source: str | None = None) -> str | None:
         """What is wrong with a complete shard, in one line naming the cache, shard and array, or None:
@@ -386,24 +409,26 @@ class CacheDamage(UserError):
         super().__init__(f"{detail}; {REPAIR}")
 
 
-def value_problem(spec: CacheSpec, arrays: dict[str, np.ndarray]) -> str | None:
+def value_problem(spec: CacheSpec, arrays: dict[str, np.ndarray], columns: list[int] | None = None) -> str | None:
     """The first value a sound cache cannot hold, as "array NAME: what, at key K view v", or None.
 
     Checks the rows of samples not recorded as missing: finite logits and log-partitions, class
     indices inside the class list and distinct within a view, logits in descending order, boxes that
-    are not empty, and top-k probabilities exp(z / T - logZ_T) that sum to at most 1 at each stored T
-    (up to float16 rounding of z), which also bounds logZ_T from below by max z / T."""
+    are not empty, and top-k probabilities exp(z / T - logZ_T) that sum to at most 1 (up to float16
+    rounding of z), which also bounds logZ_T from below by max z / T, at the log-partition `columns`
+    given (default: every stored T). About 10 ms per 10,000 top-100 views and temperature checked."""
     present = ~np.asarray(arrays["missing"], bool)
-    keys = np.asarray(arrays["key"])[present]
+    rows = slice(None) if present.all() else present  # a copy only where samples are missing
+    keys = np.asarray(arrays["key"])[rows]
 
     def at(mask: np.ndarray) -> str:
         row, view = np.argwhere(mask)[0][:2]
         return f"at key {str(keys[row])!r} view {view}"
 
-    logits = arrays["topk_logit"][present].astype(np.float32)
-    indices = arrays["topk_index"][present]
-    log_partition = arrays["log_partition"][present]
-    boxes = arrays["box"][present].astype(np.int64)
+    logits = arrays["topk_logit"][rows].astype(np.float32)
+    indices = arrays["topk_index"][rows]
+    log_partition = arrays["log_partition"][rows]
+    boxes = arrays["box"][rows].astype(np.int64)
     if not np.isfinite(logits).all():
         return f"array topk_logit: a non-finite logit {at(~np.isfinite(logits))}"
     if not np.isfinite(log_partition).all():
@@ -423,10 +448,15 @@ def value_problem(spec: CacheSpec, arrays: dict[str, np.ndarray]) -> str | None:
     empty = (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])
     if empty.any():
         return f"array box: an empty or inverted box {at(empty)}"
+    if logits.size == 0:
+        return None
     # float16 keeps 11 significant bits: each z / T may be off by |z| / T * 2^-11; allow twice that.
-    for column, temperature in enumerate(spec.temperatures):
+    # The logits are in descending order, so the largest |z| is at one end.
+    largest = np.maximum(np.abs(logits[..., 0]), np.abs(logits[..., -1]))
+    for column in range(len(spec.temperatures)) if columns is None else columns:
+        temperature = spec.temperatures[column]
         scaled = logits / np.float32(temperature)
-        slack = np.abs(scaled).max(axis=-1) * 2.0**-10 + 1e-4
+        slack = largest / np.float32(temperature) * 2.0**-10 + 1e-4
         with np.errstate(over="ignore"):  # a far too small log-partition overflows to inf: still caught
             excess = np.log(np.exp(scaled - log_partition[..., column:column + 1]).sum(axis=-1)) > slack
         if excess.any():

@@ -251,6 +251,9 @@ class _ImageReader:
             handle = open(self.table.shard_paths[shard], "rb")
         except FileNotFoundError:
             raise self.changed(shard, "missing") from None
+        except OSError as error:
+            raise UserError(f"shard {self.table.shard_names[shard]} cannot be opened ({self.table.shard_paths[shard]}: "
+                            f"{error.strerror or error}); fix that and rerun") from None
         status = os.fstat(handle.fileno())
         seen = (status.st_size, status.st_mtime_ns, status.st_ino)
         if self._checked.get(shard) != seen:

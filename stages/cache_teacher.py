@@ -208,7 +208,8 @@ def _summarize(cache) -> dict:
 
 def _damaged_shards(cache, manifest, complete: list[int]) -> set[int]:
     """Complete shards whose rows were lost or damaged since they were written (every chunk against its
-    checksum, every value checked; about a second per 100 MB of cache): these are computed again."""
+    checksum, every value checked: about 40 ms of CPU per shard of 1250 images with 8 views, under a
+    minute for ImageNet): these are computed again."""
     damaged, unchecked = set(), 0
     for index in complete:
         shard = manifest.shards[index]
