@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from dho_pipeline.cache_store import REPAIR, TeacherCache
 from dho_pipeline.errors import UserError
 from dho_pipeline.views import box_fractions

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import lzma
-import os
 import shutil
 import tarfile
 
