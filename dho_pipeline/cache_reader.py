@@ -3,9 +3,12 @@
 A `CacheReader` opens a cache for one manifest and one KD temperature and checks, once, everything a
 reader relies on: the cache was built from this manifest (and, if asked, for this class list), every
 shard is complete, and the temperature can be served, from a stored log-partition at T or, for a
-full-logit cache, from all the logits. It knows which samples stage one recorded as missing, checks
-each shard's keys against the manifest as it reads them, and hands out `CachedViews` (all of a
-sample's views, numpy), from which one view per sample becomes `TeacherTargets`.
+full-logit cache, from all the logits. It knows which samples stage one recorded as missing, and
+checks everything it reads before handing it out: each chunk against its checksum (a lost or damaged
+chunk), each value against what a sound cache holds (cache_store.value_problem: finite, indices in
+the class list, top-k probabilities consistent with the log-partitions), and each shard's keys
+against the manifest; any fault is a one-line UserError naming the cache, shard and array. It hands
+out `CachedViews` (all of a sample's views, numpy), from which one view per sample becomes `TeacherTargets`.
 
 `TeacherTargets` is what a KD loss takes, whichever teacher produced it: the cache (top-k logits plus
 the exact log-partition at T) or a teacher run online (`TeacherTargets.from_logits`: every logit, so
@@ -14,17 +17,19 @@ k = C and the loss is the plain full KL).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache_store import TeacherCache
+from .cache_store import CacheDamage, TeacherCache, value_problem
 from .errors import UserError
 from .manifest import Manifest
 
 _VIEW_ARRAYS = ("key", "box", "flip", "topk_index", "topk_logit", "log_partition")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class CacheReader:
                 f"cache {path} was built for another class list than {classnames_source or 'the one given'}; "
                 "use a cache built with these class names"
             )
+        _check_shard_records(cache, manifest)
         return cls(cache, manifest, temperature, _temperature_column(cache, temperature))
 
     @property
@@ -149,8 +155,18 @@ class CacheReader:
         return masks
 
     def read(self, shard: int, positions: np.ndarray | None = None) -> CachedViews:
-        """Cached views of a shard's samples (all of them, or those at `positions`), keys checked."""
+        """Cached views of a shard's samples (all of them, or those at `positions`), checked: checksums
+        of the chunks read, values of the rows read, keys."""
         arrays = self.cache.read_shard(shard, _VIEW_ARRAYS, positions)
+        # Which rows stage one recorded as missing (no teacher output to check): from the completion
+        # marker, which is written with the checksums, so one zarr read less per shard.
+        missing = {m["key"] for m in (self.cache.shard_attrs(shard) or {}).get("missing", [])}
+        arrays["missing"] = np.array([str(key) in missing for key in arrays["key"]], dtype=bool) if missing \
+            else np.zeros(len(arrays["key"]), dtype=bool)
+        # Log-partitions: the column this reader serves (none for a full-logit cache computing its own).
+        problem = value_problem(self.spec, arrays, columns=[] if self._column is None else [self._column])
+        if problem:
+            raise CacheDamage(f"cache {self.path}, shard {self.manifest.shards[shard].name}, {problem}")
         expected = self.manifest.shards[shard].keys
         if positions is not None:
             expected = [expected[p] for p in positions]
@@ -171,6 +187,23 @@ class CacheReader:
         scaled = arrays["topk_logit"].astype(np.float64) / self.temperature
         top = scaled.max(axis=-1, keepdims=True)
         return (top[..., 0] + np.log(np.exp(scaled - top).sum(axis=-1))).astype(np.float32)
+
+
+def _check_shard_records(cache: TeacherCache, manifest: Manifest) -> None:
+    """Each shard's rows were computed from the manifest's shard file (the sha256 stage one hashed
+    while reading it); caches written before checksums were recorded are read, with a warning."""
+    unchecked = 0
+    for index, shard in enumerate(manifest.shards):
+        attrs = cache.shard_attrs(index) or {}
+        recorded = attrs.get("source", {}).get("sha256")
+        if recorded is not None and recorded != shard.fingerprint:
+            raise CacheDamage(f"cache {cache.path}, shard {shard.name}: computed from another shard file than the "
+                              "manifest's")
+        unchecked += "checksums" not in attrs
+    if unchecked:
+        log.warning("cache %s: %d of %d shards were written before checksums were recorded; their values are "
+                    "checked as they are read, but a lost chunk of flips or logits can pass unseen: rebuild the "
+                    "cache (cache-teacher into a new --out) to add them", cache.path, unchecked, len(manifest.shards))
 
 
 def _temperature_column(cache: TeacherCache, temperature: float) -> int | None:

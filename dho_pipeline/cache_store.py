@@ -12,8 +12,12 @@ Layout (readable with zarr alone; see docs/cache-format.md):
         topk_logit     [N, V, K]  float16  teacher logits 100 * cos(image, class)
         log_partition  [N, V, T]  float32  logsumexp(logits / T) over *all* classes, per temperature
 
-A shard group's attribute `complete: true` is written last, after every array is whole; a group
-without it is ignored by readers and rewritten by the next run. Each shard group is written by exactly
+A shard group's attribute `complete: true` is written last, after every array is whole, in the same
+zarr.json as the shard's checksums (a BLAKE2b digest of each chunk's decoded rows, per array) and the
+sha256 of the shard file its rows were computed from; a group without it is ignored by readers and
+rewritten by the next run. `read_shard` checks every chunk it reads against its digest (a chunk file
+that is lost reads back as the fill value, so only a digest notices) and `shard_problem` checks the
+values a sound cache holds; both name the cache, shard and array. Each shard group is written by exactly
 one process, so no two processes ever write the same chunk or object; the root attributes are written
 by rank 0 alone (at creation, and the run summary at the end).
 """
@@ -21,6 +25,7 @@ by rank 0 alone (at creation, and the run summary at the end).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -132,6 +137,7 @@ class ShardData:
     topk_logit: np.ndarray  # float16 [N, V, K]
     log_partition: np.ndarray  # float32 [N, V, T]
     missing_reasons: dict[str, str] = field(default_factory=dict)  # key -> why
+    source_fingerprint: str | None = None  # sha256 of the shard file, hashed while its rows were computed
 
     @classmethod
     def empty(cls, keys: list[str], num_views: int, k: int, num_temperatures: int, index_dtype) -> "ShardData":
@@ -156,6 +162,26 @@ class ShardData:
             "topk_logit": self.topk_logit,
             "log_partition": self.log_partition,
         }
+
+
+CHECKSUM_ALGORITHM = "blake2b-128 of each chunk's decoded rows"
+
+
+def chunk_digest(rows: np.ndarray) -> str:
+    """BLAKE2b-128 of decoded rows: numbers as little-endian C-order bytes, strings as a JSON list.
+
+    Digests of decoded values, not of stored bytes, so they hold whatever the codecs; a chunk file
+    that is lost reads back as the fill value and fails its digest (unless it held only fill values,
+    which zarr does not store in the first place)."""
+    if rows.dtype.kind in "OUT":
+        data = json.dumps([str(value) for value in rows], ensure_ascii=False).encode("utf-8")
+    else:
+        data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<")).view(np.uint8).data
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def chunk_digests(values: np.ndarray, chunk_rows: int) -> list[str]:
+    return [chunk_digest(values[start:start + chunk_rows]) for start in range(0, len(values), chunk_rows)]
 
 
 def index_dtype(num_classes: int):
@@ -254,26 +280,122 @@ class TeacherCache:
             path=name,
             attributes={"name": entry["name"], "num_samples": entry["num_samples"], "complete": False},
         )
+        chunk_rows = min(CHUNK_ROWS, max(1, len(data.keys)))
+        digests = {}
         for array_name, values in data.arrays().items():
-            chunks = (min(CHUNK_ROWS, max(1, values.shape[0])),) + values.shape[1:]
+            chunks = (chunk_rows,) + values.shape[1:]
             if values.dtype.kind == "U":  # variable-length UTF-8 keys
                 array = group.create_array(array_name, shape=values.shape, dtype=str, chunks=chunks)
             else:
                 array = group.create_array(array_name, shape=values.shape, dtype=values.dtype, chunks=chunks,
                                            compressors=compressors(self.compression))
             array[...] = values
+            digests[array_name] = chunk_digests(values, chunk_rows)  # of what was meant to be stored
         missing = [{"key": key, "reason": data.missing_reasons.get(key, "")} for key in np.array(data.keys)[data.missing]]
-        group.attrs.update({"complete": True, "num_missing": len(missing), "missing": missing})
+        # One zarr.json write (atomic): the marker never lands without its checksums.
+        group.attrs.update({
+            "complete": True, "num_missing": len(missing), "missing": missing,
+            "source": {"sha256": data.source_fingerprint},
+            "checksums": {"algorithm": CHECKSUM_ALGORITHM, "chunk_rows": chunk_rows, "arrays": digests},
+        })
 
     def read_shard(self, index: int, arrays: tuple[str, ...] = ARRAYS, positions=None) -> dict[str, np.ndarray]:
-        """A complete shard's arrays as numpy: every row, or only the rows at `positions`."""
-        if not self.is_complete(index):
+        """A complete shard's arrays as numpy: every row, or only the rows at `positions`.
+
+        Every chunk read is checked against its recorded digest (shards written before digests were
+        recorded are read unchecked); a lost, damaged or undecodable chunk is a UserError naming the
+        cache, shard, array and chunk."""
+        attrs = self.shard_attrs(index)
+        if not (attrs and attrs.get("complete")):
             raise UserError(f"cache {self.path}: shard {self.spec.shards[index]['name']} is not complete")
         zarr = _zarr()
         group = zarr.open_group(store=str(self.path), path=self.shard_group_name(index), mode="r")
-        if positions is None:
-            return {name: group[name][...] for name in arrays}
-        return {name: group[name].oindex[np.asarray(positions)] for name in arrays}
+        checksums = attrs.get("checksums")
+        result = {}
+        for name in arrays:
+            array = group[name]
+            rows = checksums["chunk_rows"] if checksums else array.chunks[0]
+            if positions is None:  # one read of every row (cheaper than chunk by chunk), checked chunk by chunk
+                values = self._read_rows(index, array, name, 0, array.shape[0], rows)
+                for start in range(0, array.shape[0], rows):
+                    self._check_chunk(index, array, name, start // rows, values[start:start + rows], checksums)
+                result[name] = values
+                continue
+            # Only the chunks holding `positions`, each read and checked whole; then the rows asked for.
+            parts, offsets = [], {}
+            for chunk in np.unique(np.asarray(positions, dtype=np.int64) // rows).tolist():
+                part = self._read_rows(index, array, name, chunk * rows, min((chunk + 1) * rows, array.shape[0]), rows)
+                self._check_chunk(index, array, name, chunk, part, checksums)
+                offsets[chunk] = sum(len(p) for p in parts)
+                parts.append(part)
+            if not parts:
+                result[name] = array[0:0]
+                continue
+            values = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            result[name] = values[[offsets[int(p) // rows] + int(p) % rows for p in positions]]
+        return result
+
+    def _where(self, index: int, name: str) -> str:
+        return f"cache {self.path}, shard {self.spec.shards[index]['name']}, array {name}"
+
+    def _read_rows(self, index: int, array, name: str, start: int, stop: int, rows: int) -> np.ndarray:
+        """Rows [start, stop) of an array; a chunk that cannot be decoded is named (found chunk by chunk)."""
+        try:
+            return array[start:stop]
+        except Exception:  # a damaged chunk surfaces as a codec or IO error
+            pass
+        for chunk_start in range(start, stop, rows):
+            chunk_stop = min(chunk_start + rows, stop)
+            try:
+                array[chunk_start:chunk_stop]
+            except Exception as error:
+                text = str(error).splitlines()[0] if str(error) else ""
+                raise CacheDamage(f"{self._where(index, name)}: chunk {chunk_start // rows} (rows {chunk_start}-"
+                                  f"{chunk_stop - 1}) cannot be decoded ({type(error).__name__}: {text})") from None
+        return array[start:stop]  # a passing fault: read again
+
+    def _check_chunk(self, index: int, array, name: str, chunk: int, values: np.ndarray, checksums: dict | None):
+        """A chunk's decoded rows against the digest recorded when it was written (none: nothing to check)."""
+        if checksums is None:
+            return
+        expected = checksums["arrays"].get(name, [])
+        if chunk < len(expected) and chunk_digest(values) == expected[chunk]:
+            return
+        start = chunk * checksums["chunk_rows"]
+        chunk_file = self.path / self.shard_group_name(index) / name / \
+            array.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+        what = f"is missing ({chunk_file.relative_to(self.path)} is gone)" if not chunk_file.exists() \
+            else "does not match its checksum"
+        raise CacheDamage(f"{self._where(index, name)}: chunk {chunk} (rows {start}-{start + len(values) - 1}) {what}")
+
+    def shard_problem(self, index: int, keys: list[str] | None = None, source: str | None = None) -> str | None:
+        """What is wrong with a complete shard, in one line naming the cache, shard and array, or None:
+        every chunk against its digest, then every value (see `value_problem`), then its keys (if given)
+        and the sha256 of the shard file it was computed from (if given, and recorded)."""
+        try:
+            arrays = self.read_shard(index)
+        except CacheDamage as error:
+            return error.detail
+        where = f"cache {self.path}, shard {self.spec.shards[index]['name']}"
+        n, v, k = len(arrays["key"]), self.spec.num_views, self.spec.topk
+        expected = {"key": (n,), "missing": (n,), "box": (n, v, 4), "flip": (n, v), "topk_index": (n, v, k),
+                    "topk_logit": (n, v, k), "log_partition": (n, v, len(self.spec.temperatures))}
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                return f"{where}, array {name}: shape {arrays[name].shape}, expected {shape}"
+        problem = value_problem(self.spec, arrays)
+        if problem:
+            return f"{where}, {problem}"
+        if keys is not None and list(arrays["key"]) != list(keys):
+            first = next(i for i, (a, b) in enumerate(zip(arrays["key"], keys)) if a != b)
+            return f"{where}: keys differ from the manifest at #{first} ({arrays['key'][first]!r} vs {keys[first]!r})"
+        recorded = (self.shard_attrs(index) or {}).get("source", {}).get("sha256")
+        if source is not None and recorded is not None and recorded != source:
+            return f"{where}: computed from another shard file ({recorded[:19]}...) than the manifest's"
+        return None
+
+    def has_checksums(self, index: int) -> bool:
+        return "checksums" in (self.shard_attrs(index) or {})
 
     def incomplete_shards(self) -> list[int]:
         return [i for i in range(len(self.spec.shards)) if not self.is_complete(i)]
@@ -285,6 +407,74 @@ class TeacherCache:
         zarr = _zarr()
         root = zarr.open_group(store=str(self.path), mode="r+")
         root.attrs.update({"status": summary})
+
+
+REPAIR = "rerun the cache-teacher command that built the cache: it recomputes only damaged shards"
+
+
+class CacheDamage(UserError):
+    """Rows of a complete shard that are lost, damaged or impossible; `detail` names the cache, shard
+    and array, the message adds what to do."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(f"{detail}; {REPAIR}")
+
+
+def value_problem(spec: CacheSpec, arrays: dict[str, np.ndarray], columns: list[int] | None = None) -> str | None:
+    """The first value a sound cache cannot hold, as "array NAME: what, at key K view v", or None.
+
+    Checks the rows of samples not recorded as missing: finite logits and log-partitions, class
+    indices inside the class list and distinct within a view, logits in descending order, boxes that
+    are not empty, and top-k probabilities exp(z / T - logZ_T) that sum to at most 1 (up to float16
+    rounding of z), which also bounds logZ_T from below by max z / T, at the log-partition `columns`
+    given (default: every stored T). About 10 ms per 10,000 top-100 views and temperature checked."""
+    present = ~np.asarray(arrays["missing"], bool)
+    rows = slice(None) if present.all() else present  # a copy only where samples are missing
+    keys = np.asarray(arrays["key"])[rows]
+
+    def at(mask: np.ndarray) -> str:
+        row, view = np.argwhere(mask)[0][:2]
+        return f"at key {str(keys[row])!r} view {view}"
+
+    logits = arrays["topk_logit"][rows].astype(np.float32)
+    indices = arrays["topk_index"][rows]
+    log_partition = arrays["log_partition"][rows]
+    boxes = arrays["box"][rows].astype(np.int64)
+    if not np.isfinite(logits).all():
+        return f"array topk_logit: a non-finite logit {at(~np.isfinite(logits))}"
+    if not np.isfinite(log_partition).all():
+        return f"array log_partition: a non-finite value {at(~np.isfinite(log_partition))}"
+    outside = (indices < 0) | (indices >= spec.num_classes)
+    if outside.any():
+        return (f"array topk_index: class index {int(indices[outside][0])} outside the class list "
+                f"(0..{spec.num_classes - 1}) {at(outside)}")
+    if indices.shape[-1] > 1:
+        ordered = np.sort(indices, axis=-1)
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+        if repeated.any():
+            return f"array topk_index: a class listed twice in one view's top-k {at(repeated)}"
+    unordered = (np.diff(logits, axis=-1) > 0).any(-1)
+    if unordered.any():
+        return f"array topk_logit: top-k logits not in descending order {at(unordered)}"
+    empty = (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])
+    if empty.any():
+        return f"array box: an empty or inverted box {at(empty)}"
+    if logits.size == 0:
+        return None
+    # float16 keeps 11 significant bits: each z / T may be off by |z| / T * 2^-11; allow twice that.
+    # The logits are in descending order, so the largest |z| is at one end.
+    largest = np.maximum(np.abs(logits[..., 0]), np.abs(logits[..., -1]))
+    for column in range(len(spec.temperatures)) if columns is None else columns:
+        temperature = spec.temperatures[column]
+        scaled = logits / np.float32(temperature)
+        slack = largest / np.float32(temperature) * 2.0**-10 + 1e-4
+        with np.errstate(over="ignore"):  # a far too small log-partition overflows to inf: still caught
+            excess = np.log(np.exp(scaled - log_partition[..., column:column + 1]).sum(axis=-1)) > slack
+        if excess.any():
+            return (f"array log_partition: top-k probabilities at T = {temperature:g} sum past 1 "
+                    f"(the log-partition is too small for the logits) {at(excess)}")
+    return None
 
 
 def _lock_holder(handle) -> str:

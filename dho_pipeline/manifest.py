@@ -16,7 +16,8 @@ Format (version 1), one object:
                  "labels": [...] or null,       # int class index per sample (null where absent)
                  "image_ext": "jpeg" or [...],  # one extension, or one per sample when mixed
                  "image_offsets": [...], "image_sizes": [...],  # where each image's bytes lie
-                 "sources": [...]},  # optional: each image's original file name, or null
+                 "sources": [...],  # optional: each image's original file name, or null
+                 "sampled_fingerprint": "sha256:..."},  # of 16 blocks of 4 KiB (hashing.sampled_fingerprint)
                 ...]}
 
 `sources` holds, per sample, the image's file name relative to the folder tree it came from
@@ -24,24 +25,35 @@ Format (version 1), one object:
 a shard none of whose samples has one (shards made by other tools) has no `sources` field. Splits use
 it to draw the reference's ImageFolder-ordered subset and to match image lists by file name.
 
-Paths are left out of the fingerprint so that moving the shards (and editing their paths) keeps
-caches and splits valid; anything else edited by hand makes the manifest refuse to load.
+Paths are left out of the fingerprint so that moving the shards (and editing their paths, or
+`dho-pipeline manifest NEW/*.tar --relocate M.json`) keeps caches and splits valid; anything else
+edited by hand makes the manifest refuse to load. `sampled_fingerprint` is left out too: it is a
+check derived from the bytes the sha256 already identifies (manifests written before it existed lack
+it and are checked by size alone).
+
+Before any stage reads a shard, `check_files` checks each file is still the one scanned: "quick" (the
+default; size and the sampled fingerprint, at most 64 KiB read per shard) or "full" (the sha256 of
+every byte). Stage one also hashes every shard whole as it reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .hashing import fingerprint_json
+from .hashing import FILE_CHECKS, fingerprint_json, fingerprint_stream, sampled_fingerprint
 from .jsonfiles import read_json, write_text_atomically
 from .shards import ShardScan
 
 FORMAT = "dho-pipeline-manifest"
 VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +71,7 @@ class ShardEntry:
     image_offsets: list[int]
     image_sizes: list[int]
     sources: list[str | None] | None = None  # original file names (None: the shard records none)
+    sampled_fingerprint: str | None = None  # None in manifests written before it was recorded
 
     def content(self) -> dict:
         """Everything that identifies the shard's content (not where it lies)."""
@@ -83,26 +96,28 @@ class ShardEntry:
 class Manifest:
     shards: list[ShardEntry]
     fingerprint: str
+    source: Path | None = field(default=None, compare=False)  # the file it was loaded from, if any
 
     @property
     def num_samples(self) -> int:
         return sum(shard.num_samples for shard in self.shards)
 
-    def check_files(self) -> None:
-        """Every shard exists with the size it had when scanned. Cheap: one stat per shard."""
+    def check_files(self, level: str = "quick") -> None:
+        """Every shard is still the file that was scanned: "quick" compares its size and sampled
+        fingerprint (at most 64 KiB read per shard), "full" its sha256 (every byte read)."""
+        if level not in FILE_CHECKS:
+            raise UserError(f"--verify-shards must be one of {', '.join(FILE_CHECKS)}, not {level!r}")
+        if level == "quick" and any(s.sampled_fingerprint is None for s in self.shards):
+            log.warning("manifest %s predates sampled fingerprints: only shard sizes are checked; rebuild it "
+                        "(`dho-pipeline manifest`, same fingerprint) or pass --verify-shards full",
+                        self.source or "given")
         for shard in self.shards:
-            try:
-                size = os.path.getsize(shard.path)
-            except OSError:
-                raise UserError(
-                    f"shard {shard.name} is missing: {shard.path} does not exist "
-                    "(restore it, or rebuild the manifest without it)"
-                ) from None
-            if size != shard.size:
-                raise UserError(
-                    f"shard {shard.name} changed since the manifest was built ({shard.path} has "
-                    f"{size} bytes, the manifest says {shard.size}); rebuild the manifest"
-                )
+            problem = shard_change(shard, level)
+            if problem:
+                raise UserError(self.changed_message(shard, problem))
+
+    def changed_message(self, shard: "ShardEntry", problem: str) -> str:
+        return changed_message(shard.name, shard.path, problem, self.source)
 
     def check_labels(self, num_classes: int, *, required: bool = False) -> None:
         """Labels lie in [0, num_classes); with `required`, every sample has one."""
@@ -120,6 +135,48 @@ class Manifest:
                         f"shard {shard.name}, key {key!r}: label {label} is outside the class list "
                         f"(0..{num_classes - 1}); check the class-names file or the shard's labels"
                     )
+
+
+def changed_message(name: str, path, problem: str, manifest_path=None) -> str:
+    """One line for a shard that is missing or no longer the file its manifest describes."""
+    if problem == "missing":
+        return (
+            f"shard {name} is missing: {path} does not exist; restore it, or if the shards moved, point the "
+            f"manifest at their new place with `dho-pipeline manifest 'NEW_FOLDER/*.tar' --relocate "
+            f"{manifest_path or 'MANIFEST.json'} --out NEW.json` (or edit its \"path\" fields: only paths may be "
+            "edited); caches and splits stay valid"
+        )
+    return (
+        f"shard {name} changed since the manifest was built ({path}: {problem}); restore the original, or if "
+        "the new content is meant, rebuild the manifest (`dho-pipeline manifest`) and then the cache and split from it"
+    )
+
+
+def shard_change(shard: ShardEntry, level: str = "quick") -> str | None:
+    """How a shard file differs from its manifest entry ("missing", or what differs), or None."""
+    try:
+        with open(shard.path, "rb") as stream:
+            return file_change(stream, size=shard.size, sampled=shard.sampled_fingerprint, sha256=shard.fingerprint,
+                               level=level)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except IsADirectoryError:
+        return "a directory, not a tar file"
+
+
+def file_change(stream, *, size: int, sampled: str | None, sha256: str, level: str = "quick") -> str | None:
+    """How an open file differs from what was recorded of it (see hashing.FILE_CHECKS), or None. A
+    record without a sampled fingerprint (older manifests) is checked quickly by size alone."""
+    actual = os.fstat(stream.fileno()).st_size
+    if actual != size:
+        return f"{actual} bytes, the manifest says {size}"
+    if level == "full":
+        stream.seek(0)
+        if fingerprint_stream(stream) != sha256:
+            return "its sha256 differs from the manifest's: other content of the same size"
+    elif sampled is not None and sampled_fingerprint(stream, size) != sampled:
+        return "its sampled blocks differ from the manifest's: other content of the same size"
+    return None
 
 
 def scan_manifest(patterns: list[str], workers: int = 4, progress: bool = True) -> Manifest:
@@ -168,7 +225,28 @@ def entry_from_scan(path: Path, scan: ShardScan) -> ShardEntry:
         image_offsets=scan.image_offsets,
         image_sizes=scan.image_sizes,
         sources=scan.sources if any(source is not None for source in scan.sources) else None,
+        sampled_fingerprint=scan.sampled_fingerprint,
     )
+
+
+def relocate_manifest(manifest: Manifest, paths: list[Path]) -> Manifest:
+    """The same manifest with its shards at `paths` (matched by file name, each checked quickly against
+    its entry: size and sampled fingerprint); content and fingerprint unchanged."""
+    by_name = {path.name: path for path in paths}
+    absent = [shard.name for shard in manifest.shards if shard.name not in by_name]
+    if absent:
+        raise UserError(f"--relocate: no shard named {absent[0]} among the shards given"
+                        + (f" (and {len(absent) - 1} more missing)" if len(absent) > 1 else ""))
+    extra = sorted(set(by_name) - {shard.name for shard in manifest.shards})
+    if extra:
+        raise UserError(f"--relocate: {by_name[extra[0]]} is not a shard of {manifest.source}; list only its shards")
+    moved = [dataclasses.replace(shard, path=by_name[shard.name]) for shard in manifest.shards]
+    relocated = Manifest(shards=moved, fingerprint=manifest.fingerprint, source=manifest.source)
+    for shard in moved:
+        problem = shard_change(shard)
+        if problem:
+            raise UserError(f"--relocate: {shard.path} is not the shard {shard.name} of {manifest.source} ({problem})")
+    return relocated
 
 
 def build_manifest(entries: list[ShardEntry]) -> Manifest:
@@ -205,7 +283,9 @@ def save_manifest(manifest: Manifest, path: Path) -> None:
         "num_samples": manifest.num_samples,
     }
     lines = [
-        json.dumps({"path": _stored_path(entry.path, path.parent), **entry.content()}, ensure_ascii=False)
+        json.dumps({"path": _stored_path(entry.path, path.parent), **entry.content(),
+                    **({"sampled_fingerprint": entry.sampled_fingerprint} if entry.sampled_fingerprint else {})},
+                   ensure_ascii=False)
         for entry in manifest.shards
     ]
     write_text_atomically(path, json.dumps(header, indent=1)[:-2] + ',\n "shards": [\n' + ",\n".join(lines) + "\n]}\n")
@@ -229,7 +309,7 @@ def load_manifest(path: str | Path) -> Manifest:
             f"manifest {path} was edited after it was built (its content no longer matches its "
             "fingerprint); rebuild it with `dho-pipeline manifest` (only paths may be edited)"
         )
-    return manifest
+    return dataclasses.replace(manifest, source=path)
 
 
 def _is_int(value) -> bool:
@@ -252,6 +332,7 @@ def _parse_entry(path: Path, index: int, raw: object) -> ShardEntry:
         ("num_samples", _is_int(count) and count >= 1, "a positive integer"),
         ("size", _is_int(raw["size"]) and raw["size"] >= 0, "a byte count"),
         ("fingerprint", isinstance(raw["fingerprint"], str), "a string"),
+        ("sampled_fingerprint", isinstance(raw.get("sampled_fingerprint", ""), str), "a string"),
     ]
     for field_name, ok, expected in problems:
         if not ok:
@@ -276,6 +357,7 @@ def _parse_entry(path: Path, index: int, raw: object) -> ShardEntry:
         name=raw["name"], path=_resolve(path.parent, raw["path"]), num_samples=count, size=raw["size"],
         fingerprint=raw["fingerprint"], keys=raw["keys"], labels=raw["labels"], image_ext=raw["image_ext"],
         image_offsets=raw["image_offsets"], image_sizes=raw["image_sizes"], sources=raw.get("sources"),
+        sampled_fingerprint=raw.get("sampled_fingerprint"),
     )
 
 

@@ -22,10 +22,19 @@ from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from .errors import UserError
-from .hashing import HashingReader
+from .hashing import HashingReader, sampled_fingerprint
 
 # Image member extensions, in the order we prefer them when a sample has more than one.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Magic bytes of compressed tars. tarfile would read them, but every later stage reads images at
+# byte offsets into the file, which only an uncompressed tar has.
+_COMPRESSION_MAGIC = {
+    b"\x1f\x8b": ("gzip", "gunzip -k"),
+    b"BZh": ("bzip2", "bunzip2 -k"),
+    b"\xfd7zXZ\x00": ("xz", "unxz -k"),
+    b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+    b"\x04\x22\x4d\x18": ("lz4", "unlz4"),
+}
 # WebDataset skips members named like __meta__; so do we, so that our keys match its keys.
 _WDS_META = re.compile(r"__[^/]*__($|/)")
 # The member holding an image's original file name, relative to its folder tree (written by `shard`).
@@ -62,6 +71,7 @@ class ShardScan:
     image_offsets: list[int]  # byte offset of the image member's data inside the tar
     image_sizes: list[int]  # byte length of the image member
     sources: list[str | None]  # original file name (a .source.txt member), None where the sample has none
+    sampled_fingerprint: str  # hashing.sampled_fingerprint: the cheap "still the same file" check
 
 
 def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int:
@@ -131,6 +141,7 @@ def scan_shard(path: Path) -> ShardScan:
         sizes.append(size)
         sources.append(sample["source"])
 
+    _refuse_compressed(path)
     try:
         with open(path, "rb") as raw:
             reader = HashingReader(raw)
@@ -157,6 +168,8 @@ def scan_shard(path: Path) -> ShardScan:
                 close_sample(current)
                 end_of_members = archive.offset
             fingerprint = reader.finish()
+            size = os.fstat(raw.fileno()).st_size
+            sampled = sampled_fingerprint(raw, size)
         _check_end_marker(path, end_of_members)
     except FileNotFoundError:
         raise UserError(f"shard {name} does not exist") from None
@@ -169,7 +182,7 @@ def scan_shard(path: Path) -> ShardScan:
     if not keys:
         raise UserError(f"shard {name} holds no samples; remove it from the shard list")
     return ShardScan(
-        size=os.path.getsize(path),
+        size=size,
         fingerprint=fingerprint,
         keys=keys,
         labels=labels,
@@ -177,7 +190,22 @@ def scan_shard(path: Path) -> ShardScan:
         image_offsets=offsets,
         image_sizes=sizes,
         sources=sources,
+        sampled_fingerprint=sampled,
     )
+
+
+def _refuse_compressed(path: Path) -> None:
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+    except (FileNotFoundError, IsADirectoryError):
+        return  # scan_shard reports these
+    for magic, (kind, command) in _COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            raise UserError(
+                f"shard {path} is a compressed tar ({kind}); images are read at byte offsets, which needs an "
+                f"uncompressed tar: decompress it (e.g. `{command} {path}`) and list the .tar instead"
+            )
 
 
 def _check_end_marker(path: Path, offset: int) -> None:
@@ -190,14 +218,19 @@ def _check_end_marker(path: Path, offset: int) -> None:
         raise UserError(f"shard {path} is truncated (no end-of-archive marker after its last member); re-copy it")
 
 
-def iter_shard_samples(path: Path) -> Iterator[dict]:
+def iter_shard_samples(path: Path, stream=None) -> Iterator[dict]:
     """Yield a shard's samples as WebDataset does (`__key__` plus one bytes field per extension).
 
-    Tar errors propagate (a truncated shard raises); callers decide how to report them.
+    `stream`: read from it instead of opening `path` (e.g. a hashing.HashingReader, to fingerprint
+    the shard in the same pass). Tar errors propagate (a truncated shard raises); callers decide how
+    to report them.
     """
-    with open(path, "rb") as stream:
-        files = tar_file_expander([{"url": str(path), "stream": stream}], eof_value=None)
-        yield from group_by_keys(files)
+    if stream is None:
+        with open(path, "rb") as opened:
+            yield from iter_shard_samples(path, opened)
+        return
+    files = tar_file_expander([{"url": str(path), "stream": stream}], eof_value=None)
+    yield from group_by_keys(files)
 
 
 def image_field(sample: dict) -> str | None:

@@ -16,6 +16,11 @@ of (seed, rank, world size, b), so every run, resumed or not, sees the same data
 A DataLoader worker w of W produces batches b = first + w, first + w + W, ...; the DataLoader hands
 them out round-robin, so the main process receives batches in stream order.
 
+Shard files are checked as they are opened: the first time a reader opens a shard, its size and
+sampled fingerprint against the manifest's (at most 64 KiB read); later openings only compare
+(size, mtime, inode) with what that check saw. An image that does not decode sends the reader back
+to the shard's full sha256, so a shard that changed since its manifest is named as the cause.
+
 The view a sample shows at stream epoch e is view (e + h) mod V, h a per-sample hash: views are
 covered evenly and differ between neighbours. With `crops_only` (the reference never trains on a
 whole-image view) it is view 1 + (e + h) mod (V - 1): the random crops only, never view 0. Its pixels are the original image cropped by the
@@ -28,6 +33,7 @@ teacher's size first and resized from there. Evaluation shows the centred square
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .cache_reader import CacheReader, CachedViews
 from .errors import UserError
-from .manifest import Manifest
+from .manifest import Manifest, changed_message, file_change
 from .views import (ViewPolicy, center_box, decode_rgb, describe_decode_error, draw_view, render_reference_eval,
                     render_view)
 
@@ -57,6 +63,8 @@ class SampleTable:
     shard_paths: list[str]
     shard_names: list[str]
     keys: list[list[str]]  # per shard
+    shard_records: list[dict]  # per shard: what file_change compares (size, sampled, sha256)
+    manifest_path: str | None = None
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "SampleTable":
@@ -73,6 +81,8 @@ class SampleTable:
             shard_paths=[str(s.path) for s in shards],
             shard_names=[s.name for s in shards],
             keys=[s.keys for s in shards],
+            shard_records=[{"size": s.size, "sampled": s.sampled_fingerprint, "sha256": s.fingerprint} for s in shards],
+            manifest_path=str(manifest.source) if manifest.source else None,
         )
 
     def ids_of(self, masks: list[np.ndarray]) -> np.ndarray:
@@ -218,17 +228,18 @@ class PreloadedRows:
 
 
 class _ImageReader:
-    """Reads image bytes by offset, keeping a few shard files open."""
+    """Reads image bytes by offset, keeping a few shard files open; checks each shard file as it opens it."""
 
     def __init__(self, table: SampleTable, keep: int = 8):
         self.table, self.keep = table, keep
         self._files: OrderedDict[int, object] = OrderedDict()
+        self._checked: dict[int, tuple] = {}  # shard -> (size, mtime, inode) when it last passed the check
 
     def read(self, sample_id: int) -> bytes:
         shard = int(self.table.shard[sample_id])
         handle = self._files.get(shard)
         if handle is None:
-            handle = open(self.table.shard_paths[shard], "rb")
+            handle = self._open(shard)
             self._files[shard] = handle
             while len(self._files) > self.keep:
                 self._files.popitem(last=False)[1].close()
@@ -236,8 +247,43 @@ class _ImageReader:
         handle.seek(int(self.table.offset[sample_id]))
         data = handle.read(int(self.table.size[sample_id]))
         if len(data) != self.table.size[sample_id]:
-            raise UserError(f"shard {self.table.shard_names[shard]} is shorter than the manifest says; rebuild the manifest")
+            raise self.changed(shard, "shorter than the manifest says")
         return data
+
+    def _open(self, shard: int):
+        try:
+            handle = open(self.table.shard_paths[shard], "rb")
+        except FileNotFoundError:
+            raise self.changed(shard, "missing") from None
+        except OSError as error:
+            raise UserError(f"shard {self.table.shard_names[shard]} cannot be opened ({self.table.shard_paths[shard]}: "
+                            f"{error.strerror or error}); fix that and rerun") from None
+        status = os.fstat(handle.fileno())
+        seen = (status.st_size, status.st_mtime_ns, status.st_ino)
+        if self._checked.get(shard) != seen:
+            problem = file_change(handle, **self.table.shard_records[shard])
+            if problem:
+                handle.close()
+                raise self.changed(shard, problem)
+            self._checked[shard] = seen
+        return handle
+
+    def changed(self, shard: int, problem: str) -> UserError:
+        return UserError(changed_message(self.table.shard_names[shard], self.table.shard_paths[shard], problem,
+                                         self.table.manifest_path))
+
+    def undecodable(self, sample_id: int, error: Exception) -> UserError:
+        """Why an image did not decode: its shard changed since the manifest (checked whole), or the image."""
+        shard = int(self.table.shard[sample_id])
+        try:
+            with open(self.table.shard_paths[shard], "rb") as stream:
+                problem = file_change(stream, **self.table.shard_records[shard], level="full")
+        except OSError:
+            problem = "missing"
+        if problem:
+            return self.changed(shard, problem)
+        return UserError(f"shard {self.table.shard_names[shard]}, key {self.table.key(sample_id)!r}: "
+                         f"cannot decode the image ({describe_decode_error(error)})")
 
 
 class StudentBatches(IterableDataset):
@@ -306,10 +352,7 @@ class StudentBatches(IterableDataset):
             except UserError:
                 raise
             except Exception as error:
-                raise UserError(
-                    f"shard {self.table.shard_names[self.table.shard[sample_id]]}, key {self.table.key(sample_id)!r}: "
-                    f"cannot decode the image ({describe_decode_error(error)})"
-                ) from None
+                raise reader.undecodable(int(sample_id), error) from None
         boxes, flips, targets = self._views(sample_ids, epochs, images)
         batch = {
             "ids": torch.from_numpy(sample_ids),

@@ -6,6 +6,9 @@ the manifest, decodes each image once and renders all of its views from that one
 batches of up to `images_per_batch` images from a single shard, as uint8 HWC pixels (normalisation
 happens on the device, on 4x fewer bytes).
 
+Each shard is hashed as it is read: its last batch carries the sha256 of every byte of the file
+(`sha256`), which the main process compares with the manifest before the shard may be marked complete.
+
 Workers never raise: a fault is yielded as a batch with an `error` message (one line, naming shard and
 key), so the main process can report it cleanly instead of a worker traceback.
 """
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .hashing import HashingReader
 from .shards import image_field, iter_shard_samples
 from .views import ViewPolicy, decode_rgb, describe_decode_error, draw_views, render_view
 
@@ -36,7 +40,8 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _batch(task: ShardTask, rows: list[dict], read_seconds: float, error: str | None = None) -> dict:
+def _batch(task: ShardTask, rows: list[dict], read_seconds: float, error: str | None = None,
+           sha256: str | None = None) -> dict:
     valid = [row for row in rows if not row["missing"]]
     pixels = torch.from_numpy(np.concatenate([row["pixels"] for row in valid])) if valid else torch.empty(0)
     return {
@@ -49,6 +54,7 @@ def _batch(task: ShardTask, rows: list[dict], read_seconds: float, error: str | 
         "pixels": pixels,  # uint8 [valid images * V, H, W, 3]
         "read_seconds": read_seconds,
         "error": error,
+        "sha256": sha256,  # the shard file's, on its last batch only
     }
 
 
@@ -90,17 +96,44 @@ class ViewBatches(IterableDataset):
     def _shard_batches(self, task: ShardTask):
         rows: list[dict] = []
         started = time.perf_counter()
-        position = 0
 
-        def flush(error=None):
-            nonlocal rows, started
-            batch = _batch(task, rows, time.perf_counter() - started, error)
-            rows = []
+        def flush(error=None, sha256=None):
+            nonlocal started
+            batch = _batch(task, rows, time.perf_counter() - started, error, sha256)
+            rows.clear()  # in place: _read_shard appends to this same list
             started = time.perf_counter()
             return batch
 
         try:
-            for sample in iter_shard_samples(task.path):
+            raw = open(task.path, "rb")
+        except OSError as error:
+            yield flush(f"shard {task.name} cannot be opened ({one_line(error)}); restore it and rerun")
+            return
+        with raw:
+            stream = HashingReader(raw)
+            outcome = yield from self._read_shard(task, stream, rows, flush)
+            if outcome is None:
+                return
+            position = outcome
+            try:
+                sha256 = stream.finish()  # the tar's end padding too: every byte of the file
+            except OSError as error:
+                yield flush(f"shard {task.name} is unreadable ({one_line(error)}); re-copy it and rerun")
+                return
+        if position != len(task.keys):
+            yield flush(
+                f"shard {task.name} ended after {position} of {len(task.keys)} samples (truncated?); "
+                "re-copy it and rerun"
+            )
+            return
+        yield flush(sha256=sha256)  # the last rows, held back until the whole file was hashed
+
+    def _read_shard(self, task: ShardTask, stream, rows: list[dict], flush):
+        """Yield full batches of a shard's rows except the last; returns the samples read, or None
+        after yielding an error."""
+        position = 0
+        try:
+            for sample in iter_shard_samples(task.path, stream):
                 expected = task.keys[position] if position < len(task.keys) else None
                 if sample["__key__"] != expected:
                     yield flush(
@@ -118,21 +151,14 @@ class ViewBatches(IterableDataset):
                         return
                     row["boxes"] = np.zeros((self.policy.num_views, 4), np.uint16)
                     row["flips"] = np.zeros(self.policy.num_views, bool)
+                if len(rows) == self.images_per_batch:  # full: hand it on, now that another row has come
+                    yield flush()
                 rows.append(row)
                 position += 1
-                if len(rows) == self.images_per_batch:
-                    yield flush()
         except Exception as error:  # tarfile and webdataset errors: truncated or corrupt shard
             yield flush(
                 f"shard {task.name} is unreadable after {position} samples ({one_line(error)}); "
                 "re-copy it and rerun"
             )
-            return
-        if position != len(task.keys):
-            yield flush(
-                f"shard {task.name} ended after {position} of {len(task.keys)} samples (truncated?); "
-                "re-copy it and rerun"
-            )
-            return
-        if rows:
-            yield flush()
+            return None
+        return position

@@ -1,7 +1,7 @@
 """Looking into a teacher cache: `cache info`, `cache verify`, `cache dump`.
 
     dho-pipeline cache info CACHE.zarr [--json]
-    dho-pipeline cache verify CACHE.zarr --manifest M.json
+    dho-pipeline cache verify CACHE.zarr --manifest M.json [--verify-shards quick|full|skip]
     dho-pipeline cache dump CACHE.zarr [--shard NAME] [--limit N]
 """
 
@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
-from dho_pipeline.cache_store import TeacherCache
+from dho_pipeline.cache_store import REPAIR, TeacherCache
 from dho_pipeline.errors import UserError
 from dho_pipeline.views import box_fractions
 
@@ -31,6 +29,7 @@ def info(path: Path) -> dict:
         for i, attrs in enumerate(shard_attrs) if attrs.get("complete")
         for item in attrs.get("missing", [])
     ]
+    checksummed = [bool(a.get("checksums")) for a in shard_attrs]
     num_samples = sum(s["num_samples"] for s in spec.shards)
     cached_views = sum(s["num_samples"] for s, done in zip(spec.shards, complete) if done) * spec.num_views
     size = _disk_bytes(Path(path))
@@ -48,6 +47,7 @@ def info(path: Path) -> dict:
         "num_shards": len(spec.shards),
         "complete_shards": sum(complete),
         "incomplete_shards": [s["name"] for s, done in zip(spec.shards, complete) if not done],
+        "checksummed_shards": sum(c and done for c, done in zip(checksummed, complete)),
         "num_samples": num_samples,
         "num_missing": len(missing),
         "missing": missing,
@@ -69,6 +69,7 @@ def format_info(report: dict) -> str:
         f"logits       {'all' if report['full_logits'] else 'top-' + str(report['topk'])}, "
         f"log-partition at T = {', '.join(f'{t:g}' for t in report['temperatures'])}",
         f"shards       {report['complete_shards']} of {report['num_shards']} complete",
+        f"checksums    {_checksum_line(report)}",
         f"samples      {report['num_samples']}, {report['num_missing']} recorded as missing",
         f"size         {report['disk_bytes'] / 1e6:.2f} MB"
         + (f" ({report['bytes_per_view']} bytes per view)" if report["bytes_per_view"] else ""),
@@ -83,14 +84,27 @@ def format_info(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _checksum_line(report: dict) -> str:
+    complete, checked = report["complete_shards"], report["checksummed_shards"]
+    if checked == complete:
+        return f"every chunk of the {complete} complete shard(s) (BLAKE2b of its decoded rows)"
+    return (f"{checked} of {complete} complete shard(s); the others were written before checksums were recorded: "
+            "their values are checked, but a lost chunk of flips or logits can pass unseen (rebuild the cache to "
+            "add checksums)")
+
+
 def _printable(text: str) -> str:
     """Keys come from tar member names: escape control characters rather than send them to a terminal."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
 
-def verify(path: Path, manifest_path: Path) -> list[str]:
-    """Deep check of a cache against its manifest. Returns problems, one line each, naming the shard."""
-    from dho_pipeline.manifest import load_manifest
+def verify(path: Path, manifest_path: Path, shards: str = "quick") -> list[str]:
+    """Deep check of a cache against its manifest. Returns problems, one line each, naming the shard.
+
+    Every chunk of every complete shard against its checksum and every value (cache_store.shard_problem),
+    and, unless `shards` is "skip", each shard file against the manifest ("quick" or "full", as
+    manifest.check_files)."""
+    from dho_pipeline.manifest import load_manifest, shard_change
 
     cache = TeacherCache.open(path)
     manifest = load_manifest(manifest_path)
@@ -99,49 +113,26 @@ def verify(path: Path, manifest_path: Path) -> list[str]:
         return [f"cache {path} was built from a different manifest than {manifest_path}"]
     problems = []
     for index, shard in enumerate(manifest.shards):
-        problem = _verify_shard(cache, index, shard.keys)
+        if not cache.is_complete(index):
+            problems.append(f"shard {shard.name}: not complete (rerun cache-teacher to finish it)")
+            continue
+        problem = cache.shard_problem(index, shard.keys, shard.fingerprint)
         if problem:
-            problems.append(f"shard {shard.name}: {problem}")
+            problems.append(f"{problem}; {REPAIR}")
+        change = shard_change(shard, shards) if shards != "skip" else None
+        if change:
+            problems.append(manifest.changed_message(shard, change))
     return problems
 
 
-def _verify_shard(cache: TeacherCache, index: int, keys: list[str]) -> str | None:
-    spec = cache.spec
-    if not cache.is_complete(index):
-        return "not complete (rerun cache-teacher to finish it)"
-    try:
-        arrays = cache.read_shard(index)
-    except Exception as error:  # a damaged chunk surfaces as a codec or IO error
-        return f"unreadable ({type(error).__name__}: {error})"
-    n, v, k = len(keys), spec.num_views, spec.topk
-    expected = {
-        "key": (n,), "missing": (n,), "box": (n, v, 4), "flip": (n, v),
-        "topk_index": (n, v, k), "topk_logit": (n, v, k), "log_partition": (n, v, len(spec.temperatures)),
-    }
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            return f"array {name} has shape {arrays[name].shape}, expected {shape}"
-    if list(arrays["key"]) != list(keys):
-        first = next(i for i, (a, b) in enumerate(zip(arrays["key"], keys)) if a != b)
-        return f"keys differ from the manifest at #{first} ({arrays['key'][first]!r} vs {keys[first]!r})"
-    present = ~arrays["missing"]
-    logits = arrays["topk_logit"][present].astype(np.float32)
-    indices = arrays["topk_index"][present]
-    log_partition = arrays["log_partition"][present]
-    boxes = arrays["box"][present].astype(np.int64)
-    if not (np.isfinite(logits).all() and np.isfinite(log_partition).all()):
-        return "non-finite logits or log-partitions"
-    if indices.size and (indices.min() < 0 or indices.max() >= spec.num_classes):
-        return f"class indices outside 0..{spec.num_classes - 1}"
-    if (np.diff(logits, axis=-1) > 0).any():
-        return "top-k logits are not in descending order"
-    if ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])).any():
-        return "a view box is empty or inverted"
-    # log Z_T >= max logit / T, up to float16 rounding of the stored logits
-    temperatures = np.asarray(spec.temperatures, dtype=np.float32)
-    if (log_partition + 0.1 < logits[..., :1] / temperatures).any():
-        return "a log-partition is smaller than its top logit allows"
-    return None
+def unchecked_note(path: Path) -> str:
+    """For `verify`'s OK line: how many shards had no checksums to check (caches from before them)."""
+    cache = TeacherCache.open(path)
+    unchecked = sum(not cache.has_checksums(i) for i in range(len(cache.spec.shards)))
+    if not unchecked:
+        return ""
+    return (f" ({unchecked} of {len(cache.spec.shards)} shards were written before checksums were recorded: "
+            "their values were checked, a lost chunk of flips or logits would pass unseen; rebuild to add checksums)")
 
 
 def dump(path: Path, shard: str | None = None, limit: int | None = None) -> Iterator[dict]:

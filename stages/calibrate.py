@@ -22,9 +22,10 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.views import EVAL_VIEWS
 
-from .common import PRECISIONS
+from .common import PRECISIONS, log
 from .options import setting
 
 
@@ -48,6 +49,9 @@ class Config:
     eval_view: str = setting("center-square", choices=EVAL_VIEWS,
                              help="Each image's view: the centred square, one bicubic resize; or 'reference': "
                                   "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
 
 def _calibration_ids(config: Config, manifest):
@@ -80,6 +84,16 @@ def _check_overlap(config: Config, loaded, manifest, ids) -> int:
     return len(overlap)
 
 
+def _few_images_warning(images: int, classes: int) -> str | None:
+    """Fewer held-out images than classes: the grid's accuracies move in steps of 1/images, and most
+    classes are not seen at all, so the chosen alpha and beta are mostly noise."""
+    if images >= classes:
+        return None
+    return (f"calibrating on {images} held-out image{'s' if images != 1 else ''}, fewer than the {classes} classes: "
+            "alpha and beta chosen on so few are mostly noise; hold out more "
+            "(split --holdout N per class) or keep the paper's setting")
+
+
 def run(config: Config) -> dict:
     from dho_pipeline.evaluation import (
         ALPHA_GRID, BETA_GRID, best_point, finish_statistics, grid_correct, refinement_grid, student_logits_on,
@@ -94,6 +108,9 @@ def run(config: Config) -> dict:
     loaded, manifest, state, device, precision = load_inputs(config)
     ids, source = _calibration_ids(config, manifest)
     overlap = _check_overlap(config, loaded, manifest, ids)
+    warning = _few_images_warning(len(ids), len(loaded.classnames))
+    if warning and state.is_main_process:
+        log.warning("warning: %s", warning)
     logits = student_logits_on(
         loaded, manifest, ids, rank=state.process_index, world=state.num_processes, batch_size=config.batch_size,
         workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
@@ -114,7 +131,7 @@ def run(config: Config) -> dict:
     calibrated_on = {**source, "samples": total, "overlap_with_training_labels": overlap,
                      "fingerprint": fingerprint_json(sorted(keys[i] for i in ids))}
     report = {
-        "alpha": alpha, "beta": beta, "samples": total, "calibrated_on": calibrated_on,
+        "alpha": alpha, "beta": beta, "samples": total, "calibrated_on": calibrated_on, "warning": warning,
         "accuracy": {head: chosen[head]["top1"] for head in ("ce", "kd", "mix")},
         "nll": {head: chosen[head]["nll"] for head in ("ce", "kd", "mix")},
         "ece": {head: chosen[head]["ece"] for head in ("ce", "kd", "mix")},

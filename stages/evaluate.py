@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.views import EVAL_VIEWS
 
 from .common import PRECISIONS
@@ -44,6 +45,9 @@ class Config:
     eval_view: str = setting("center-square", choices=EVAL_VIEWS,
                              help="Each image's view: the centred square, one bicubic resize; or 'reference': "
                                   "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
 
 def load_inputs(config):
@@ -55,7 +59,7 @@ def load_inputs(config):
     from .common import process_state, resolve_device, resolve_precision
 
     manifest = manifest_for_data(list(config.data), config.workers)
-    manifest.check_files()
+    manifest.check_files(config.verify_shards)
     classnames = read_classnames(config.classnames) if config.classnames else None
     loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
     manifest.check_labels(len(loaded.classnames), required=True)

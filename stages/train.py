@@ -30,6 +30,7 @@ from pathlib import Path
 
 from dho_pipeline.cache_store import CLASS_EMBEDDINGS
 from dho_pipeline.errors import UserError
+from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.schedule import EPOCH_STEPS, LR_SCHEDULES
 from dho_pipeline.split import RULES as SPLIT_RULES
 from dho_pipeline.views import EVAL_VIEWS, TRAIN_RESIZES
@@ -118,6 +119,9 @@ class Config:
     teacher_pretrained: str | None = setting(None, help="Online teacher: open_clip tag, weights file or 'none'.")
     crop_scale: tuple[float, float] = setting((0.5, 1.0), type=FloatList(),
                                               help="Online teacher: RandomResizedCrop area range of the views.")
+    verify_shards: str = setting("quick", choices=FILE_CHECKS,
+                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
+                                 "or full (sha256 of every byte).")
 
     def __post_init__(self):
         from dho_pipeline.backbones import StudentSpec, default_head, default_pretrained
@@ -215,7 +219,7 @@ def _check_inputs(config: Config):
         split.check_manifest(manifest, where=f"split {config.split}")
         _check_cache_settings(config, reader.spec)
         classnames, templates = reader.spec.classnames, reader.spec.templates
-    manifest.check_files()
+    manifest.check_files(config.verify_shards)
     manifest.check_labels(len(classnames))
     return manifest, reader, split, classnames, templates
 
@@ -510,7 +514,7 @@ def _evaluator(config: Config, accelerator, student, normalize, preprocess, clas
     from dho_pipeline.student_data import SampleTable
 
     eval_manifest = load_manifest(config.eval_data)
-    eval_manifest.check_files()
+    eval_manifest.check_files(config.verify_shards)
     eval_manifest.check_labels(len(classnames), required=True)
     table = SampleTable.from_manifest(eval_manifest)
 
