@@ -41,7 +41,9 @@ def test_wheel_installs_and_finds_its_defaults_outside_the_repository(tmp_path):
     _run(sys.executable, "-m", "venv", venv)
     purelib = Path(_run(venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
                    .stdout.strip())
-    borrowed = [p for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if Path(p).is_dir()]
+    # Every site-packages folder this interpreter imports from (a venv may reach another through a .pth file).
+    borrowed = list(dict.fromkeys(p for p in [sysconfig.get_paths()["purelib"], *site.getsitepackages(), *sys.path]
+                                  if p.endswith("site-packages") and Path(p).is_dir()))
     (purelib / "borrowed.pth").write_text("\n".join(borrowed) + "\n")
     _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel)
 
