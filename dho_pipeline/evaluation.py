@@ -134,11 +134,11 @@ def logits_on_samples(model, table, sample_ids, image_size, normalize, *, rank: 
     """CE/KD logits of a dual-head model on this process's share of `sample_ids` (rows of a
     student_data.SampleTable): process r takes ids r, r + world, ... Each image shows the student's
     evaluation view (resize the shortest side, centre-crop), rendered as in training."""
-    from .student_data import FiniteIdStream, StudentBatches
+    from .student_data import FiniteIdStream, StudentBatches, StudentLoader
 
     stream = FiniteIdStream(sample_ids, batch_size, rank, world)
     dataset = StudentBatches(table, stream, image_size, num_batches=stream.num_batches)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, stream.num_batches))
+    loader = StudentLoader(dataset, min(workers, stream.num_batches))
     return collect_logits(model, loader, normalize, autocast)
 
 

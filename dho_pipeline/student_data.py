@@ -257,7 +257,16 @@ class StudentBatches(IterableDataset):
         reader = _ImageReader(self.table)
         index = self.first_batch + w
         while self.num_batches is None or index < self.first_batch + self.num_batches:
-            yield self._batch(reader, index)
+            try:
+                batch = self._batch(reader, index)
+            except UserError as error:
+                if worker is None:
+                    raise
+                # A worker's exception reaches the caller wrapped in its traceback; this one line
+                # is raised by the main process instead (StudentLoader), as with no workers.
+                yield {"error": str(error)}
+                return
+            yield batch
             index += workers
 
     def _views(self, sample_ids, epochs, images):
@@ -312,6 +321,59 @@ class StudentBatches(IterableDataset):
         return batch
 
 
+def training_samples(manifest: Manifest, split, reader: CacheReader | None, *, batch_size: int, world: int,
+                     needs_unlabeled: bool, where: str):
+    """(table, labeled ids, unlabeled ids, counts, warnings) of a split, for training.
+
+    Samples stage one could not decode (--on-error skip) have no teacher targets: skipped and counted.
+    Streams that cannot fill a step are refused, naming the numbers; a labeled set smaller than the
+    batch (each labeled sample then appears several times per step) is a warning."""
+    table = SampleTable.from_manifest(manifest)
+    usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
+    labeled = table.ids_of(split.labeled_mask(manifest))
+    unlabeled = table.ids_of(split.unlabeled_mask(manifest))
+    counts = {"labeled": int(usable[labeled].sum()), "unlabeled": int(usable[unlabeled].sum()),
+              "skipped_missing": int((~usable[labeled]).sum() + (~usable[unlabeled]).sum())}
+    labeled, unlabeled = labeled[usable[labeled]], unlabeled[usable[unlabeled]]
+    warnings = check_stream_sizes(table, labeled, unlabeled if needs_unlabeled else None, batch_size=batch_size,
+                                  world=world, where=where)
+    return table, labeled, unlabeled, counts, warnings
+
+
+def check_stream_sizes(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, batch_size: int,
+                       world: int, where: str) -> list[str]:
+    """Refuse streams too small for the global batch or the processes; return warnings.
+
+    Labeled samples are dealt to processes one by one, unlabeled ones a whole shard at a time."""
+    n = len(labeled)
+    if n < world:
+        have = f"{n} labeled samples" if n else "no labeled samples (that the cache holds)"
+        raise UserError(f"{where} has {have}, fewer than the {world} process(es); each needs at least one")
+    warnings = []
+    if batch_size > n:
+        warnings.append(f"--batch-size {batch_size} is larger than the {n} labeled samples of {where}: each labeled "
+                        f"sample appears about {batch_size / n:.1f} times per step")
+    if unlabeled is None:
+        return warnings
+    u = len(unlabeled)
+    if u == 0:
+        raise UserError(f"{where} has no unlabeled samples (that the cache holds); this objective trains on "
+                        "unlabeled images too: draw a split that leaves some unlabeled, or use --objective ce")
+    if batch_size > u:
+        raise UserError(f"--batch-size {batch_size} is larger than the {u} unlabeled samples of {where} (an epoch "
+                        f"would be less than one step); use --batch-size {u} or less")
+    per_shard = np.sort(np.bincount(table.shard[unlabeled])[np.unique(table.shard[unlabeled])])
+    if len(per_shard) < world:
+        raise UserError(f"the {u} unlabeled samples of {where} lie in {len(per_shard)} shard(s), fewer than the "
+                        f"{world} processes (each takes whole shards); use at most {len(per_shard)} processes, "
+                        "or more, smaller shards")
+    fewest = int(per_shard[: len(per_shard) // world].sum())  # a process's share in the worst epoch
+    if fewest < batch_size // world:
+        warnings.append(f"a process may get only {fewest} unlabeled samples in an epoch (whole shards, dealt anew "
+                        f"each epoch), fewer than its {batch_size // world} per step: they repeat within the step")
+    return warnings
+
+
 def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, image_size,
                      micro_batch: int, seed: int, rank: int, world: int, positions: dict[str, int], workers: int,
                      reader: CacheReader | None = None, online_views: ViewPolicy | None = None,
@@ -327,8 +389,7 @@ def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndar
             table, IdStream(order, micro_batch), image_size, rows=rows, num_views=reader.num_views if reader else 1,
             first_batch=first, online_views=online_views, extra_sizes=(teacher_size,) if teacher_size else (),
         )
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                           persistent_workers=False, prefetch_factor=4 if workers else None)
+        return StudentLoader(dataset, workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
 
     loaders = {"labeled": loader(labeled_order(labeled, seed, rank, world), positions["labeled"],
                                  PreloadedRows(reader, table, labeled) if reader else None)}
@@ -336,3 +397,20 @@ def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndar
         loaders["unlabeled"] = loader(unlabeled_order(table, unlabeled, seed, rank, world), positions["unlabeled"],
                                       ShardRows(reader, table) if reader else None)
     return loaders
+
+
+class StudentLoader:
+    """A DataLoader over StudentBatches whose workers' errors reach the caller as the one line they
+    would raise with no workers, and whose workers die with this process (processes.worker_init)."""
+
+    def __init__(self, dataset: StudentBatches, workers: int, **options):
+        from .processes import worker_init_fn
+
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                  worker_init_fn=worker_init_fn() if workers else None, **options)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if "error" in batch:
+                raise UserError(batch["error"])
+            yield batch
