@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dho_pipeline.errors import UserError
+from dho_pipeline.errors import Stopped, UserError
 
 from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, read_recipe, setting
@@ -151,56 +151,55 @@ def _check_inputs(config: Config):
     return manifest, reader, split, classnames, templates
 
 
-def _samples(config, manifest, reader, split):
-    """The labeled and unlabeled sample ids to train on, the table they index, and their counts.
+def _samples(config, manifest, reader, split, state):
+    """The labeled and unlabeled sample ids, the table they index, their counts (student_data.training_samples);
+    streams too small for the batch or the processes are refused here, with the numbers, or warned about."""
+    from dho_pipeline.student_data import training_samples
 
-    Samples stage one could not decode (--on-error skip) have no teacher targets: skipped and counted."""
-    import numpy as np
-
-    from dho_pipeline.student_data import SampleTable
-
-    table = SampleTable.from_manifest(manifest)
-    usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
-    labeled = table.ids_of(split.labeled_mask(manifest))
-    unlabeled = table.ids_of(split.unlabeled_mask(manifest))
-    counts = {"labeled": int(usable[labeled].sum()), "unlabeled": int(usable[unlabeled].sum()),
-              "skipped_missing": int((~usable[labeled]).sum() + (~usable[unlabeled]).sum())}
-    labeled, unlabeled = labeled[usable[labeled]], unlabeled[usable[unlabeled]]
-    if len(labeled) == 0:
-        raise UserError(f"split {config.split} has no labeled samples that the cache holds")
+    table, labeled, unlabeled, counts, warnings = training_samples(
+        manifest, split, reader, batch_size=config.batch_size, world=state.num_processes,
+        needs_unlabeled=config.objective_spec().needs_teacher, where=f"split {config.split}")
+    for warning in warnings if state.is_main_process else ():
+        log.warning("warning: %s", warning)
     return table, labeled, unlabeled, counts
 
 
 def run(config: Config) -> dict:
+    with ExitStack() as held:  # holds the run directory's lock until the run ends
+        return _train(config, held)
+
+
+def _train(config: Config, held: ExitStack) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from tqdm import tqdm
 
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
+    from dho_pipeline import run_directory
     from dho_pipeline.clip_models import load_clip
+    from dho_pipeline.finite_guard import FiniteGuard
     from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.processes import StopSignals, StopVote
     from dho_pipeline.schedule import StepPlan, warmup_cosine
     from dho_pipeline.student import build_student
     from dho_pipeline.student_data import training_loaders
 
-    from .common import process_state, resolve_compile, resolve_precision
+    from .common import on_main_then_share, process_state, resolve_compile, resolve_precision
 
-    # ---- setup: inputs checked, run directory claimed --------------------------------------------
+    # ---- setup: inputs checked, run directory claimed (a second run in it is refused) and checked ----
+    state = process_state(config.device)
     manifest, reader, split, classnames, templates = _check_inputs(config)
     objective = config.objective_spec()
+    table, labeled_ids, unlabeled_ids, counts = _samples(config, manifest, reader, split, state)
+    inputs = run_directory.input_fingerprints(manifest, split, reader, vars(config))
     out = Path(config.out)
-    state = process_state(config.device)
     precision = resolve_precision(config.precision, state.device)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    on_main_then_share(state, lambda: held.enter_context(run_directory.locked(out)))
     saved = complete_training_states(out)
-    if saved and not config.resume:
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-    if config.resume and (out / "config.json").exists():
-        previous = json.loads((out / "config.json").read_text())
-        changed = [k for k in _TRAJECTORY if previous.get(k) != config.to_json()[k]]
-        if changed:
-            raise UserError(f"--resume: {out} was trained with different {', '.join(changed)}; resume with the same settings")
+    run_directory.check_continuation(out, resume=config.resume, has_checkpoints=bool(saved), settings=config.to_json(),
+                                     trajectory=_TRAJECTORY, inputs=inputs)
     state.wait_for_everyone()
     # Only DHO uses both heads; the baselines leave one idle, which DDP must be told about.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.objective != "dho")
@@ -213,7 +212,7 @@ def run(config: Config) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_training_states(out)
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        run_directory.record_start(out, config.to_json(), inputs)
 
     # ---- model and optimiser ----------------------------------------------------------------------
     loaded = load_clip(config.student, config.pretrained)
@@ -243,7 +242,6 @@ def run(config: Config) -> dict:
     micro_batch = _micro_batch(config, accelerator.num_processes)
     teacher = _online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
         if config.teacher_online else None
-    table, labeled_ids, unlabeled_ids, counts = _samples(config, manifest, reader, split)
     streams = training_loaders(
         table, labeled_ids, unlabeled_ids if objective.needs_teacher else None,
         image_size=student_preprocess.image_size, micro_batch=micro_batch, seed=config.seed,
@@ -267,11 +265,16 @@ def run(config: Config) -> dict:
     iterators = {name: iter(loader) for name, loader in streams.items()}
     metrics_path = out / "metrics.jsonl"
     window = MetricsWindow()
-    last_eval = None
+    last_eval, stopping, saved_step = None, False, step
+    # SIGTERM/SIGINT: every process finishes its step, one checkpoint is written, the run exits (errors.Stopped).
+    signals = StopSignals()
+    vote = StopVote(signals, accelerator.num_processes)
+    guard = FiniteGuard(student.parameters(), num_processes=accelerator.num_processes)
     bar = tqdm(total=last_step, initial=step, unit="step", desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    with bar:  # closed (and its line ended) on the way out, errors included
-        while step < last_step:
+    with bar, signals:  # the bar is closed (and its line ended) on the way out, errors included
+        while step < last_step and not stopping:
+            vote.post()
             lr = warmup_cosine(step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -292,14 +295,21 @@ def run(config: Config) -> dict:
                 accelerator.backward(loss)
                 window.add(losses, 1 / config.grad_accum)
                 window.samples += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
+                guard.add(batches, loss)
+            guard.end_step(step + 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch = plan.epoch_of(step)
             bar.update(1)
+            stopping = vote.stop()
+            epoch_end = step % plan.steps_per_epoch == 0
+            save = epoch_end or stopping or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0)
 
-            # ---- log ----
+            # ---- check, then log ----
             window.steps += 1
+            if save or step % config.log_every == 0:  # the host syncs here anyway
+                guard.check(saved_step, report=out / "nonfinite.json", write_report=accelerator.is_main_process)
             if step % config.log_every == 0 or step == last_step:
                 record = window.record(step, epoch, lr)
                 if accelerator.is_main_process:
@@ -308,15 +318,19 @@ def run(config: Config) -> dict:
                                     | {"img/s": f"{record['samples_per_second']:.0f}"})
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-            # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps) ----
-            epoch_end = step % plan.steps_per_epoch == 0
-            if epoch_end and evaluation is not None:
+            # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps, or on a stop) ----
+            if epoch_end and evaluation is not None and not stopping:
                 last_eval = evaluation()
                 if accelerator.is_main_process:
                     append_jsonl(metrics_path, {"step": step, "epoch": epoch, "eval": last_eval})
                 accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
-            if epoch_end or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if save:
                 _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch)
+                saved_step = step
+    if stopping and step < last_step:
+        accelerator.end_training()
+        raise Stopped(f"train stopped by {signals.received or 'a signal to another process'} after step {step}: "
+                      f"checkpoint {out}/checkpoints/step-{step:08d} written; continue with the same command and --resume")
 
     # ---- the released checkpoint ------------------------------------------------------------------
     finished = step >= plan.total_steps
