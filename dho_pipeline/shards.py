@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import tarfile
@@ -60,20 +61,30 @@ class ShardScan:
     image_sizes: list[int]  # byte length of the image member
 
 
-def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int:
+def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int | None:
+    """The label a `.cls` member holds (an integer), or a `.json` member's top-level integer "label" field;
+    a .json without a top-level "label" is other metadata (a caption, say) and holds no label."""
     try:
         if ext == "cls":
             return int(data.decode("utf-8").strip())
         value = json.loads(data.decode("utf-8"))
-        label = value["label"] if isinstance(value, dict) else None
+        if not isinstance(value, dict) or "label" not in value:
+            return None
+        label = value["label"]
         if isinstance(label, bool) or not isinstance(label, int):
-            raise ValueError("no integer 'label' field")
+            raise ValueError(f'its top-level "label" is {json.dumps(label)[:40]}, not an integer')
         return label
-    except (ValueError, KeyError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise UserError(
-            f"shard {shard}, key {key!r}: cannot read a label from its .{ext} member ({error}); "
-            "expected an integer class index"
+            f"shard {shard}, key {key!r}: cannot read a label from its .{ext} member ({error}); expected an "
+            'integer class index (.cls), or a JSON object whose top-level "label" is one (.json)'
         ) from None
+
+
+def is_macos_metadata(member_name: str) -> bool:
+    """macOS litter in tars made on a Mac: AppleDouble `._name` files and `.DS_Store`."""
+    base = member_name.rsplit("/", 1)[-1]
+    return base.startswith("._") or base == ".DS_Store"
 
 
 def scan_shard(path: Path) -> ShardScan:
@@ -85,6 +96,7 @@ def scan_shard(path: Path) -> ShardScan:
     offsets: list[int] = []
     sizes: list[int] = []
     seen: set[str] = set()
+    skipped: list[str] = []  # macOS metadata members
     current: dict | None = None
 
     def close_sample(sample: dict | None) -> None:
@@ -119,6 +131,9 @@ def scan_shard(path: Path) -> ShardScan:
                 for member in archive:
                     if not member.isreg() or _WDS_META.match(member.name):
                         continue
+                    if is_macos_metadata(member.name):
+                        skipped.append(member.name)
+                        continue
                     key, ext = base_plus_ext(member.name)
                     if key is None:
                         continue
@@ -129,10 +144,13 @@ def scan_shard(path: Path) -> ShardScan:
                     if ext in current["members"]:
                         raise UserError(f"shard {name}, key {key!r}: member .{ext} occurs twice")
                     current["members"][ext] = (member.offset_data, member.size)
-                    if ext in ("cls", "json") and current["label"] is None:
-                        data = archive.extractfile(member).read()
-                        if ext == "cls" or b'"label"' in data:
-                            current["label"] = _parse_label(name, key, ext, data)
+                    if ext in ("cls", "json"):
+                        label = _parse_label(name, key, ext, archive.extractfile(member).read())
+                        if label is not None and current["label"] not in (None, label):
+                            raise UserError(
+                                f"shard {name}, key {key!r}: its .cls and .json labels disagree ({current['label']} "
+                                f"and {label}, in tar order); make them agree")
+                        current["label"] = label if label is not None else current["label"]
                 close_sample(current)
                 end_of_members = archive.offset
             fingerprint = reader.finish()
@@ -147,6 +165,10 @@ def scan_shard(path: Path) -> ShardScan:
         ) from None
     if not keys:
         raise UserError(f"shard {name} holds no samples; remove it from the shard list")
+    if skipped:
+        logging.getLogger("dho_pipeline").warning(
+            "warning: shard %s: skipped %d macOS metadata member(s) (AppleDouble ._ files, .DS_Store), e.g. %r",
+            name, len(skipped), skipped[0])
     return ShardScan(
         size=os.path.getsize(path),
         fingerprint=fingerprint,
@@ -175,7 +197,7 @@ def iter_shard_samples(path: Path) -> Iterator[dict]:
     """
     with open(path, "rb") as stream:
         files = tar_file_expander([{"url": str(path), "stream": stream}], eof_value=None)
-        yield from group_by_keys(files)
+        yield from group_by_keys(f for f in files if not is_macos_metadata(f["fname"]))
 
 
 def image_field(sample: dict) -> str | None:

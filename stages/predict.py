@@ -27,6 +27,10 @@ class Config:
                                       help="Class names, one per line.")
     device: str | None = setting(None, default_text="cuda if available, else cpu", help="Device.")
 
+    def __post_init__(self):
+        if self.topk < 1:
+            raise UserError(f"--topk must be a positive number of classes, not {self.topk}")
+
 
 def run(config: Config) -> list[dict]:
     import numpy as np

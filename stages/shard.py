@@ -24,13 +24,16 @@ class Config:
     maxcount: int = setting(1000, help="Samples per shard at most.")
     maxsize: float = setting(1e9, help="Bytes per shard at most.")
     seed: int = setting(0, help="Seed of the sample order (a shuffle of the sorted file list).")
+    overwrite: bool = setting(False, help="Remove shards that --out names from an earlier run first (else refused).")
 
 
 def run(config: Config) -> dict:
-    from dho_pipeline.shard_writer import folder_samples, shuffled, write_shards
+    from dho_pipeline.shard_writer import check_pattern, claim_shard_folder, folder_samples, shuffled, write_shards
     from dho_pipeline.prompts import read_lines
 
+    check_pattern(config.out)
     class_list = read_lines(config.classes, "class-list") if config.classes else None
     samples, classes, skipped = folder_samples(Path(config.folder), class_list)
+    claim_shard_folder(config.out, config.overwrite)
     paths = write_shards(shuffled(samples, config.seed), config.out, maxcount=config.maxcount, maxsize=config.maxsize)
     return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped}
