@@ -2,8 +2,10 @@
 
 Checking `isfinite(loss).item()` every step would make the host wait for the device every step (the
 training loop otherwise syncs once per metrics window). Instead each step leaves two flags on the
-device (loss not finite; some gradient not finite, from the largest absolute gradient, one fused
-pass over the gradients before the optimiser step) and the host keeps the step's sample keys; `check`,
+device (the loss is not finite; the gradient's L2 norm is not finite, from torch's fused per-tensor
+norms, the pass clip_grad_norm_ makes, before the optimiser step: NaN and inf propagate into it, and a
+float32 norm overflows only past 1.8e19, where a run has diverged anyway) and the host keeps the step's
+sample keys; `check`,
 called where the host syncs anyway (each metrics line, before every checkpoint, evaluation and the
 final save), reads the flags of the steps since the last check in one transfer. A non-finite step
 therefore never reaches a checkpoint or `student.pt`: the steps after it (NaN weights) are discarded
@@ -42,8 +44,8 @@ class FiniteGuard:
     def end_step(self, step: int) -> None:
         """After the step's backward passes, before the optimiser step: its flags, on the device."""
         grads = [p.grad for p in self.parameters if p.grad is not None]
-        largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else self._loss
-        self._flags.append(torch.stack([~torch.isfinite(self._loss), ~torch.isfinite(largest.float())]))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2))) if grads else self._loss
+        self._flags.append(torch.stack([~torch.isfinite(self._loss), ~torch.isfinite(norm.float())]))
         self._steps.append(step)
         self._keys.append(self._step_keys)
         self._loss, self._step_keys = None, {}
@@ -66,7 +68,7 @@ class FiniteGuard:
             return
         first = int(bad[0])
         step, keys = self._steps[first], self._gather(self._keys[first])
-        what = "the loss" if flags[first, 0] else "a gradient (the loss was finite)"
+        what = "the loss" if flags[first, 0] else "the gradient norm (the loss was finite)"
         listed = [key for stream in keys.values() for key in stream]
         if write_report:
             report.write_text(json.dumps({"step": step, "non_finite": what, "keys": keys}, indent=1) + "\n")
