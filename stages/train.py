@@ -328,6 +328,8 @@ def _train(config: Config, held: ExitStack) -> dict:
                 _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch)
                 saved_step = step
     if stopping and step < last_step:
+        append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions,
+                                           "stopped": signals.received or "by another process"})
         accelerator.end_training()
         raise Stopped(f"train stopped by {signals.received or 'a signal to another process'} after step {step}: "
                       f"checkpoint {out}/checkpoints/step-{step:08d} written; continue with the same command and --resume")

@@ -14,15 +14,20 @@ the test then opens the gate and times the stop.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    cache_args, dump_records, finish, invoke, labeled_dataset, one_thread, one_torch_thread, popen, rows_lost,
-    run_faulted, trainable_dataset, verify_ok,
+    REPO, RUNNER, cache_args, dump_records, finish, fired_lines, invoke, labeled_dataset, one_thread, one_torch_thread,
+    rows_lost, run_faulted, trainable_dataset, verify_ok,
 )
 from process_helpers import alive, descendants, signal_tree, start_held, wait_gone
 
@@ -33,6 +38,7 @@ LOSSES = "dho_pipeline.stages.train:_losses"  # one call per step here, in the m
 TEACHER_CALL = "dho_pipeline.teacher:TeacherRunner.__call__"  # one call per image here
 EPOCHS = 3  # 19 unlabeled // batch 4 = 4 steps per epoch: 12 steps; checkpoints at epoch ends (4, 8, 12)
 EXIT_STOPPED = 75
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +141,48 @@ def test_sigkill_of_train_takes_its_workers_with_it(trainable, tmp_path):
 
     with locked(run):  # and nothing holds the run directory
         pass
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_processes_after_the_same_step(trainable, tmp_path):
+    """torchrun passes SIGTERM on to each process (and its workers); the processes vote each step (a
+    gloo all-reduce posted as the step starts, read as it ends), so both stop after the same step, which
+    one checkpoint holds; the relaunch continues from it on both. Both are parked inside step 3 when the
+    signal comes: their votes for step 3 were already cast, so both stop after step 4."""
+    run, fired, gate = tmp_path / "run", tmp_path / "fired.jsonl", tmp_path / "go"
+    spec = {"fired": str(fired), "faults": [{"kind": "call", "target": LOSSES, "nth": 3, "action": "hold",
+                                              "until": str(gate)}]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    args = [str(a) for a in train_args(trainable, run, "--workers", "1")]
+    with tempfile.TemporaryFile("w+") as output:
+        launcher = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", str(RUNNER), json.dumps(spec), *args],
+                                    stdout=output, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while len(fired_lines(fired)) < 2 and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(fired_lines(fired)) == 2, "the two processes never reached step 3"
+        launcher.send_signal(signal.SIGTERM)
+        while output.seek(0) == 0 and output.read().count("closing signal SIGTERM") < 2 and time.time() < deadline:
+            time.sleep(0.02)  # torchrun logs each process's signal just before it sends it
+        time.sleep(0.2)
+        gate.touch()
+        launcher.wait(timeout=120)
+        output.seek(0)
+        text = output.read()
+    assert f"train stopped by SIGTERM after step 4: checkpoint {run}/checkpoints/step-00000004 written" in text, text[-3000:]
+    ranks = [json.loads(line) for line in (run / "ranks.jsonl").read_text().splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and {r["steps"] for r in ranks} == {4}, ranks
+    assert ranks[0]["positions"] == ranks[1]["positions"] and all(r["stopped"] == "SIGTERM" for r in ranks), ranks
+    assert checkpoint_steps(run) == [4] and logged_steps(run) == [1, 2, 3, 4]
+
+    relaunch = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--no-python", str(BIN / "dho-pipeline"),
+                               *args, "--resume", "--max-steps", "6"], capture_output=True, text=True, env=env,
+                              timeout=300)
+    assert relaunch.returncode == 0, relaunch.stdout[-2000:] + relaunch.stderr[-2000:]
+    assert logged_steps(run) == [1, 2, 3, 4, 5, 6]
+    print(f"\nFAULTS SIGTERM to torchrun (2 processes) inside step 3: both stopped after step 4 (exit "
+          f"{launcher.returncode} from torchrun), checkpoint step 4; the relaunch continued at step 5 on both")
 
 
 # ---- cache-teacher --------------------------------------------------------------------------------
