@@ -152,3 +152,35 @@ def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, ba
     return logits_on_samples(loaded.model.to(device), SampleTable.from_manifest(manifest), sample_ids,
                              loaded.preprocess.image_size, normalize, rank=rank, world=world, batch_size=batch_size,
                              workers=workers, autocast=autocast)
+
+
+def epoch_evaluator(eval_data, accelerator, student, normalize, student_size, classnames, *, batch_size: int,
+                    workers: int):
+    """train --eval-data: a function that evaluates each head and the alpha = beta = 0.5 mix on a manifest
+    (each sample once across processes, the sums reduced), or None without one."""
+    if eval_data is None:
+        return None
+    import numpy as np
+
+    from .manifest import load_manifest
+    from .student_data import SampleTable
+
+    eval_manifest = load_manifest(eval_data)
+    eval_manifest.check_files()
+    eval_manifest.check_labels(len(classnames), required=True)
+    table = SampleTable.from_manifest(eval_manifest)
+
+    def evaluate() -> dict:
+        logits = logits_on_samples(
+            student, table, np.arange(len(table.label)), student_size, normalize, rank=accelerator.process_index,
+            world=accelerator.num_processes, batch_size=batch_size, workers=workers, autocast=accelerator.autocast,
+        )
+        stats = sufficient_statistics(logits, 0.5, 0.5, len(classnames))
+        if accelerator.num_processes > 1:
+            from accelerate.utils import reduce
+
+            stats = reduce(stats.to(accelerator.device), reduction="sum").cpu()
+        report = finish_statistics(stats, len(classnames))
+        return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
+
+    return evaluate

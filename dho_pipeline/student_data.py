@@ -25,6 +25,7 @@ student always see the same view.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -322,12 +323,12 @@ class StudentBatches(IterableDataset):
 
 
 def training_samples(manifest: Manifest, split, reader: CacheReader | None, *, batch_size: int, world: int,
-                     needs_unlabeled: bool, where: str):
-    """(table, labeled ids, unlabeled ids, counts, warnings) of a split, for training.
+                     needs_unlabeled: bool, where: str, warn: bool = True):
+    """(table, labeled ids, unlabeled ids, counts) of a split, for training.
 
     Samples stage one could not decode (--on-error skip) have no teacher targets: skipped and counted.
     Streams that cannot fill a step are refused, naming the numbers; a labeled set smaller than the
-    batch (each labeled sample then appears several times per step) is a warning."""
+    batch (each labeled sample then appears several times per step) is a warning (logged if `warn`)."""
     table = SampleTable.from_manifest(manifest)
     usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
     labeled = table.ids_of(split.labeled_mask(manifest))
@@ -337,7 +338,9 @@ def training_samples(manifest: Manifest, split, reader: CacheReader | None, *, b
     labeled, unlabeled = labeled[usable[labeled]], unlabeled[usable[unlabeled]]
     warnings = check_stream_sizes(table, labeled, unlabeled if needs_unlabeled else None, batch_size=batch_size,
                                   world=world, where=where)
-    return table, labeled, unlabeled, counts, warnings
+    for warning in warnings if warn else ():
+        logging.getLogger("dho_pipeline").warning("warning: %s", warning)
+    return table, labeled, unlabeled, counts
 
 
 def check_stream_sizes(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, batch_size: int,

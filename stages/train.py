@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import Stopped, UserError
 
-from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
+from .common import PRECISIONS, MetricsWindow, append_jsonl, log
 from .options import FloatList, read_recipe, setting
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
@@ -151,19 +151,6 @@ def _check_inputs(config: Config):
     return manifest, reader, split, classnames, templates
 
 
-def _samples(config, manifest, reader, split, state):
-    """The labeled and unlabeled sample ids, the table they index, their counts (student_data.training_samples);
-    streams too small for the batch or the processes are refused here, with the numbers, or warned about."""
-    from dho_pipeline.student_data import training_samples
-
-    table, labeled, unlabeled, counts, warnings = training_samples(
-        manifest, split, reader, batch_size=config.batch_size, world=state.num_processes,
-        needs_unlabeled=config.objective_spec().needs_teacher, where=f"split {config.split}")
-    for warning in warnings if state.is_main_process else ():
-        log.warning("warning: %s", warning)
-    return table, labeled, unlabeled, counts
-
-
 def run(config: Config) -> dict:
     with ExitStack() as held:  # holds the run directory's lock until the run ends
         return _train(config, held)
@@ -178,12 +165,13 @@ def _train(config: Config, held: ExitStack) -> dict:
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline import run_directory
     from dho_pipeline.clip_models import load_clip
+    from dho_pipeline.evaluation import epoch_evaluator
     from dho_pipeline.finite_guard import FiniteGuard
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.processes import StopSignals, StopVote
     from dho_pipeline.schedule import StepPlan, warmup_cosine
     from dho_pipeline.student import build_student
-    from dho_pipeline.student_data import training_loaders
+    from dho_pipeline.student_data import training_loaders, training_samples
 
     from .common import on_main_then_share, process_state, resolve_compile, resolve_precision
 
@@ -191,7 +179,9 @@ def _train(config: Config, held: ExitStack) -> dict:
     state = process_state(config.device)
     manifest, reader, split, classnames, templates = _check_inputs(config)
     objective = config.objective_spec()
-    table, labeled_ids, unlabeled_ids, counts = _samples(config, manifest, reader, split, state)
+    table, labeled_ids, unlabeled_ids, counts = training_samples(  # streams too small for the batch: refused
+        manifest, split, reader, batch_size=config.batch_size, world=state.num_processes,
+        needs_unlabeled=objective.needs_teacher, where=f"split {config.split}", warn=state.is_main_process)
     inputs = run_directory.input_fingerprints(manifest, split, reader, vars(config))
     out = Path(config.out)
     precision = resolve_precision(config.precision, state.device)
@@ -251,7 +241,8 @@ def _train(config: Config, held: ExitStack) -> dict:
     )
     plan = StepPlan.of(num_unlabeled=counts["unlabeled"], batch_size=config.batch_size, epochs=config.epochs)
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
-    evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess.image_size, classnames)
+    evaluation = epoch_evaluator(config.eval_data, accelerator, student, normalize, student_preprocess.image_size,
+                                 classnames, batch_size=config.eval_batch_size, workers=config.workers)
     if accelerator.is_main_process:
         log.info(
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
@@ -341,7 +332,7 @@ def _train(config: Config, held: ExitStack) -> dict:
                "eval": last_eval, **counts}
     if accelerator.is_main_process:
         _student_checkpoint(config, accelerator.unwrap_model(student), student_preprocess, classnames, templates,
-                            reader, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
+                            inputs, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
                             ).save(out / "student.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions})
@@ -372,16 +363,15 @@ def _save_training_state(accelerator, out, config, student, optimizer, step, pos
     accelerator.wait_for_everyone()
 
 
-def _student_checkpoint(config, student, preprocess, classnames, templates, reader, manifest, split, table,
+def _student_checkpoint(config, student, preprocess, classnames, templates, inputs, manifest, split, table,
                         labeled_ids, step, finished, epoch, last_eval):
     """student.pt: the released format, with what this run was (architecture, data, fingerprints)."""
-    from dho_pipeline.hashing import fingerprint_json
     from dho_pipeline.student_checkpoint import PAPER_ALPHA_BETA, StudentCheckpoint, StudentMetadata
 
     metadata = StudentMetadata(
         model=config.student, pretrained=config.pretrained, preprocess=preprocess, classnames=list(classnames),
         templates=list(templates), config=config.to_json(),
-        cache_fingerprint=fingerprint_json(reader.spec.to_attrs()) if reader else None,
+        cache_fingerprint=inputs["cache"],
         manifest_fingerprint=manifest.fingerprint, split_fingerprint=split.fingerprint, steps=step, finished=finished,
         labeled_keys=sorted(table.key(int(i)) for i in labeled_ids),
     )
@@ -399,32 +389,3 @@ def _online_teacher(config: Config, classnames, templates, device, precision, co
     loaded = load_zero_shot_teacher(config.teacher, config.teacher_pretrained, classnames, templates, device=device,
                                     dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size)
     return OnlineTeacher(loaded, seed=config.seed, crop_scale=config.crop_scale, device=device)
-
-
-def _evaluator(config: Config, accelerator, student, normalize, student_size, classnames):
-    """A function that evaluates each head and the alpha = beta = 0.5 mix on --eval-data (each sample once
-    across ranks), or None."""
-    if config.eval_data is None:
-        return None
-    import numpy as np
-
-    from dho_pipeline.evaluation import finish_statistics, logits_on_samples, sufficient_statistics
-    from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.student_data import SampleTable
-
-    eval_manifest = load_manifest(config.eval_data)
-    eval_manifest.check_files()
-    eval_manifest.check_labels(len(classnames), required=True)
-    table = SampleTable.from_manifest(eval_manifest)
-
-    def evaluate() -> dict:
-        logits = logits_on_samples(
-            student, table, np.arange(len(table.label)), student_size, normalize, rank=accelerator.process_index,
-            world=accelerator.num_processes, batch_size=config.eval_batch_size, workers=config.workers,
-            autocast=accelerator.autocast,
-        )
-        stats = reduce_sum(accelerator.state, sufficient_statistics(logits, 0.5, 0.5, len(classnames)))
-        report = finish_statistics(stats, len(classnames))
-        return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
-
-    return evaluate

@@ -191,7 +191,7 @@ def test_too_few_shards_or_labeled_samples_for_the_processes(base):
     """What a torchrun launch of 4 processes on this data is told (each process takes whole unlabeled
     shards, and at least one labeled sample)."""
     from dho_pipeline.split import load_split
-    from dho_pipeline.student_data import training_samples
+    from dho_pipeline.student_data import SampleTable, check_stream_sizes, training_samples
 
     manifest, split = load_manifest(base["manifest"]), load_split(base["split"])
     with pytest.raises(UserError, match=r"the 19 unlabeled samples of split S lie in 3 shard\(s\), fewer than the 4 "
@@ -199,5 +199,7 @@ def test_too_few_shards_or_labeled_samples_for_the_processes(base):
         training_samples(manifest, split, None, batch_size=4, world=4, needs_unlabeled=True, where="split S")
     with pytest.raises(UserError, match=r"split S has 5 labeled samples, fewer than the 8 process\(es\)"):
         training_samples(manifest, split, None, batch_size=8, world=8, needs_unlabeled=False, where="split S")
-    *_, warnings = training_samples(manifest, split, None, batch_size=18, world=3, needs_unlabeled=True, where="split S")
-    assert any("a process may get only" in w for w in warnings), warnings
+    table = SampleTable.from_manifest(manifest)
+    labeled, unlabeled = (table.ids_of(mask(manifest)) for mask in (split.labeled_mask, split.unlabeled_mask))
+    warnings = check_stream_sizes(table, labeled, unlabeled, batch_size=18, world=3, where="split S")
+    assert any("a process may get only 5 unlabeled samples in an epoch" in w for w in warnings), warnings
