@@ -5,8 +5,8 @@ requests (SIGTERM, SIGINT) turned into a clean stop at a step boundary.
   never stale; a second taker is refused at once, told the holder's pid and host. A flock belongs to
   the open file, which forked children (DataLoader workers) inherit: an orphaned worker would keep the
   lock held after its parent died. So every child forked while a lock is held points its copy of the
-  descriptor at /dev/null first thing (os.register_at_fork): only the process that took a lock ever
-  holds it. (POSIX record locks, fcntl.lockf, are not inherited, but any close of any descriptor of
+  descriptor at /dev/null first thing (os.register_at_fork, as soon as the child runs): only the
+  process that took a lock holds it. (POSIX record locks, fcntl.lockf, are not inherited, but any close of any descriptor of
   the file by the holder drops them, and two takers in one process never conflict.)
 - `worker_init`: the DataLoader `worker_init_fn` of every loader here. The kernel kills the worker
   when its parent dies (PR_SET_PDEATHSIG; torch's own check notices only after 5-10 s), and the

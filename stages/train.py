@@ -162,8 +162,8 @@ def _train(config: Config, held: ExitStack) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from tqdm import tqdm
 
-    from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline import run_directory
+    from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline.clip_models import load_clip
     from dho_pipeline.evaluation import epoch_evaluator
     from dho_pipeline.finite_guard import FiniteGuard
@@ -295,7 +295,8 @@ def _train(config: Config, held: ExitStack) -> dict:
             bar.update(1)
             stopping = vote.stop()
             epoch_end = step % plan.steps_per_epoch == 0
-            save = epoch_end or stopping or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+            save = epoch_end or periodic or stopping or step == last_step
 
             # ---- check, then log ----
             window.steps += 1

@@ -244,3 +244,29 @@ def test_sigkill_of_cache_teacher_leaves_no_worker_holding_its_lock(shards, tmp_
     result = invoke(*_args(shards, out))
     assert result.exit_code == 0, result.output
     assert rows_lost(shards["reference"], dump_records(out)) == []
+
+
+def test_a_forked_child_never_holds_the_lock_of_its_parent(tmp_path):
+    """The mechanism alone, without the parent-death signal: a child forked while the cache's lock is
+    held (as DataLoader workers are) lets go of it, so once the holder releases it, it is free even
+    though the child lives on."""
+    import multiprocessing
+
+    cache = tmp_path / "c.zarr"
+    context = multiprocessing.get_context("fork")
+    running = context.Event()
+    with exclusive_writer(cache):
+        child = context.Process(target=_run_then_sleep, args=(running,), daemon=True)
+        child.start()
+        assert running.wait(60)  # the child runs (a fork's copy of the descriptors exists until it does)
+    try:
+        with exclusive_writer(cache):  # refused ("being written by pid ...") if the child still held it
+            pass
+    finally:
+        child.kill()
+        child.join()
+
+
+def _run_then_sleep(running) -> None:
+    running.set()
+    time.sleep(60)
