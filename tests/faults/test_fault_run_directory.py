@@ -91,3 +91,18 @@ def test_resume_refuses_another_split_or_cache_and_accepts_moved_inputs(trainabl
     result = invoke(*train_args(trainable, run, "--resume", split=moved_split, cache=moved_cache))
     assert result.exit_code == 0, result.output
     assert logged_steps(run) == list(range(1, 9))
+
+
+def test_resume_with_the_teacher_online_refuses_another_manifest(trainable, tmp_path):
+    """Without a cache (which names its manifest) the run's own record is what refuses another manifest."""
+    online = ["--teacher-online", "--teacher", "dho-test-vit", "--teacher-pretrained", "none",
+              "--classnames", trainable["classes"], "--templates", trainable["templates"]]
+    run = tmp_path / "run"
+    result = invoke(*train_args(trainable, run, *online, "--max-steps", "1", "--checkpoint-every", "1"))
+    assert result.exit_code == 0, result.output
+    fewer, fewer_split = tmp_path / "two-shards.json", tmp_path / "two-shards-split.json"
+    assert invoke("manifest", *sorted(trainable["shards"])[:2], "--out", fewer).exit_code == 0
+    assert invoke("split", "--manifest", fewer, "--percent", "25", "--out", fewer_split).exit_code == 0
+    line = assert_clean_error(invoke(*train_args(trainable, run, *online, "--resume", manifest=fewer, split=fewer_split)),
+                              "--resume", "another manifest", str(fewer))
+    print(f"\nFAULTS resume with another manifest (teacher online): {line.replace(f'{tmp_path}/', '')}")
