@@ -2,14 +2,13 @@
 
 Checking `isfinite(loss).item()` every step would make the host wait for the device every step (the
 training loop otherwise syncs once per metrics window). Instead each step leaves two flags on the
-device (the loss is not finite; the gradient's L2 norm is not finite, from torch's fused per-tensor
-norms, the pass clip_grad_norm_ makes, before the optimiser step: NaN and inf propagate into it, and a
-float32 norm overflows only past 1.8e19, where a run has diverged anyway) and the host keeps the step's
-sample keys; `check`,
-called where the host syncs anyway (each metrics line, before every checkpoint, evaluation and the
-final save), reads the flags of the steps since the last check in one transfer. A non-finite step
-therefore never reaches a checkpoint or `student.pt`: the steps after it (NaN weights) are discarded
-with it, and the newest checkpoint on disk is the last good state.
+device: the loss is not finite; the gradient's L2 norm is not finite (torch's fused per-tensor norms,
+the pass clip_grad_norm_ makes, before the optimiser step; NaN and inf propagate into it, and a float32
+norm overflows only past 1.8e19, where a run has diverged anyway). The host keeps the step's sample
+keys. `check`, called where the host syncs anyway (each metrics line, before every checkpoint,
+evaluation and the final save), reads the flags of the steps since the last check in one transfer. A
+non-finite step therefore never reaches a checkpoint or `student.pt`: the steps after it (NaN weights)
+are discarded with it, and the newest checkpoint on disk is the last good state.
 """
 
 from __future__ import annotations
