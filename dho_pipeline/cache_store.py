@@ -24,12 +24,9 @@ by rank 0 alone (at creation, and the run summary at the end).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -477,38 +474,16 @@ def value_problem(spec: CacheSpec, arrays: dict[str, np.ndarray], columns: list[
     return None
 
 
-def _lock_holder(handle) -> str:
-    """Who holds the lock, as its holder wrote it; it writes just after locking, so allow it a moment."""
-    for _ in range(20):
-        handle.seek(0)
-        holder = handle.read().strip()
-        if holder:
-            return holder
-        time.sleep(0.05)
-    return "another process"
-
-
 @contextmanager
 def exclusive_writer(cache_path: str | Path) -> Iterator[None]:
     """Hold `<cache>.lock` for the duration; a second writer gets a clear refusal, not a race.
 
-    The kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+    The kernel drops the lock when the process dies, and a data worker never holds it
+    (processes.exclusive_lock), so a killed run never leaves a stale lock.
     """
+    from .processes import exclusive_lock
+
     lock_path = Path(str(cache_path).rstrip("/") + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"cache {cache_path} is being written by {_lock_holder(handle)}; wait for it to finish "
-                "(or stop it), then rerun to resume"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
+    with exclusive_lock(lock_path, lambda holder: f"cache {cache_path} is being written by {holder}; wait for it "
+                        "to finish (or stop it), then rerun to resume"):
         yield
-    finally:
-        handle.close()

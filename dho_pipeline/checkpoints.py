@@ -33,15 +33,30 @@ def load_checkpoint_file(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise UserError(
-            f"checkpoint {path} holds pickled objects that could run code, refused (weights_only load: {first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+        detail = _unpickler_detail(error)
+        if _RUNS_CODE.search(detail):
+            raise UserError(
+                f"checkpoint {path} holds pickled objects that could run code, refused (weights_only load: {detail[:160]})"
+            ) from None
+        raise UserError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({detail[:160]})") from None
+    except Exception as error:  # torch.load fails in many ways on a file that is no checkpoint (a text file: KeyError)
+        first = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({type(error).__name__}: {first})") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} is not a dict of weights")
     return checkpoint
+
+
+# What torch's weights-only unpickler says when a pickle would build an object, that is run code (a
+# global, a reduce, a new object, a build); anything else it refuses (an unknown opcode) is damage.
+_RUNS_CODE = re.compile(r"GLOBAL|reduce|create new object|Can only build", re.IGNORECASE)
+
+
+def _unpickler_detail(error: Exception) -> str:
+    """The weights-only unpickler's own reason, without torch's advice around it."""
+    text = str(error)
+    text = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def strip_module_prefix(state_dict: dict) -> dict:

@@ -137,12 +137,12 @@ def logits_on_samples(model, table, sample_ids, image_size, normalize, *, rank: 
     evaluation view: `eval_view` "center-square" (the centred square, `crop` of the shorter side, one
     bicubic resize, rendered as in training) or "reference" (the reference's Resize(378) -> CenterCrop(378)
     -> Resize(224) chain)."""
-    from .student_data import FiniteIdStream, StudentBatches
+    from .student_data import FiniteIdStream, StudentBatches, StudentLoader
 
     stream = FiniteIdStream(sample_ids, batch_size, rank, world)
     dataset = StudentBatches(table, stream, image_size, num_batches=stream.num_batches, eval_view=eval_view,
                              eval_crop=crop)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, stream.num_batches))
+    loader = StudentLoader(dataset, min(workers, stream.num_batches))
     return collect_logits(model, loader, normalize, autocast)
 
 
@@ -157,3 +157,33 @@ def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, ba
                              loaded.preprocess.image_size, normalize, rank=rank, world=world, batch_size=batch_size,
                              workers=workers, autocast=autocast, eval_view=eval_view,
                              crop=loaded.preprocess.crop_fraction)
+
+
+def epoch_evaluator(eval_data, student, normalize, preprocess, classnames, *, rank: int, world: int, batch_size: int,
+                    workers: int, autocast, reduce_sum, eval_view: str = "center-square"):
+    """train --eval-data: a function that evaluates each head and the alpha = beta = 0.5 mix on a manifest,
+    or None without one. Each process evaluates its share (`rank` of `world`); `reduce_sum` adds the
+    statistics over processes, so each sample counts once."""
+    if eval_data is None:
+        return None
+    import numpy as np
+
+    from .manifest import load_manifest
+    from .student_data import SampleTable
+
+    eval_manifest = load_manifest(eval_data)
+    eval_manifest.check_files()
+    eval_manifest.check_labels(len(classnames), required=True)
+    table = SampleTable.from_manifest(eval_manifest)
+
+    def evaluate() -> dict:
+        logits = logits_on_samples(
+            student, table, np.arange(len(table.label)), preprocess.image_size, normalize, rank=rank, world=world,
+            batch_size=batch_size, workers=workers, autocast=autocast, eval_view=eval_view,
+            crop=preprocess.crop_fraction,
+        )
+        report = finish_statistics(reduce_sum(sufficient_statistics(logits, 0.5, 0.5, len(classnames))),
+                                   len(classnames))
+        return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
+
+    return evaluate

@@ -108,6 +108,42 @@ def shuffled(samples: list[SampleSource], seed: int) -> list[SampleSource]:
     return [samples[i] for i in order]
 
 
+_CONVERSION = re.compile(r"(%%|%[-+ #0-9.]*[a-zA-Z])")
+
+
+def check_pattern(pattern: str) -> None:
+    """A shard path pattern holds exactly one number placeholder (%d, %06d); a literal % is written %%."""
+    try:
+        names = {pattern % number for number in (0, 1)}
+    except (TypeError, ValueError):
+        names = set()
+    if len(names) != 2 or [t for t in _CONVERSION.findall(pattern) if t != "%%"] == []:
+        raise UserError(f"--out {pattern!r} must hold exactly one shard-number placeholder such as %06d (write a "
+                        "literal % as %%), e.g. out/train-%06d.tar")
+
+
+def existing_shards(pattern: str) -> list[Path]:
+    """Files that the pattern names for some shard number, sorted."""
+    import glob
+
+    parts = _CONVERSION.split(pattern)  # text, token, text, ...
+    wildcard = "".join("%" if p == "%%" else "*" if i % 2 else glob.escape(p) for i, p in enumerate(parts))
+    exact = re.compile("".join("%" if p == "%%" else r"\d+" if i % 2 else re.escape(p) for i, p in enumerate(parts)))
+    return sorted(Path(name) for name in glob.glob(wildcard) if exact.fullmatch(name) and Path(name).is_file())
+
+
+def claim_shard_folder(pattern: str, overwrite: bool) -> None:
+    """Refuse to write among shards of an earlier run (a later glob would mix them in); with
+    `overwrite`, remove them first."""
+    check_pattern(pattern)
+    found = existing_shards(pattern)
+    if found and not overwrite:
+        raise UserError(f"{len(found)} shard(s) named by --out {pattern!r} exist already (e.g. {found[0]}); pass "
+                        "--overwrite to remove them and write anew, or choose another --out")
+    for path in found:
+        path.unlink()
+
+
 def write_shards(samples: Iterable[SampleSource], pattern: str, *, maxcount: int, maxsize: float) -> list[Path]:
     """Write samples in order through webdataset's ShardWriter; returns the shard paths written.
 
@@ -116,8 +152,7 @@ def write_shards(samples: Iterable[SampleSource], pattern: str, *, maxcount: int
     """
     import webdataset as wds
 
-    if "%" not in pattern:
-        raise UserError(f"--out {pattern!r} needs a shard-number placeholder, e.g. out/train-%06d.tar")
+    check_pattern(pattern)
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import tarfile
@@ -74,19 +75,23 @@ class ShardScan:
     sampled_fingerprint: str  # hashing.sampled_fingerprint: the cheap "still the same file" check
 
 
-def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int:
+def _parse_label(shard: str, key: str, ext: str, data: bytes) -> int | None:
+    """The label a `.cls` member holds (an integer), or a `.json` member's top-level integer "label" field;
+    a .json without a top-level "label" is other metadata (a caption, say) and holds no label."""
     try:
         if ext == "cls":
             return int(data.decode("utf-8").strip())
         value = json.loads(data.decode("utf-8"))
-        label = value["label"] if isinstance(value, dict) else None
+        if not isinstance(value, dict) or "label" not in value:
+            return None
+        label = value["label"]
         if isinstance(label, bool) or not isinstance(label, int):
-            raise ValueError("no integer 'label' field")
+            raise ValueError(f'its top-level "label" is {json.dumps(label)[:40]}, not an integer')
         return label
-    except (ValueError, KeyError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise UserError(
-            f"shard {shard}, key {key!r}: cannot read a label from its .{ext} member ({error}); "
-            "expected an integer class index"
+            f"shard {shard}, key {key!r}: cannot read a label from its .{ext} member ({error}); expected an "
+            'integer class index (.cls), or a JSON object whose top-level "label" is one (.json)'
         ) from None
 
 
@@ -101,6 +106,10 @@ def _parse_source(shard: str, key: str, data: bytes) -> str:
             "rebuild the shard, or remove the member"
         )
     return source
+def is_macos_metadata(member_name: str) -> bool:
+    """macOS litter in tars made on a Mac: AppleDouble `._name` files and `.DS_Store`."""
+    base = member_name.rsplit("/", 1)[-1]
+    return base.startswith("._") or base == ".DS_Store"
 
 
 def scan_shard(path: Path) -> ShardScan:
@@ -113,6 +122,7 @@ def scan_shard(path: Path) -> ShardScan:
     sizes: list[int] = []
     sources: list[str | None] = []
     seen: set[str] = set()
+    skipped: list[str] = []  # macOS metadata members
     current: dict | None = None
 
     def close_sample(sample: dict | None) -> None:
@@ -149,6 +159,9 @@ def scan_shard(path: Path) -> ShardScan:
                 for member in archive:
                     if not member.isreg() or _WDS_META.match(member.name):
                         continue
+                    if is_macos_metadata(member.name):
+                        skipped.append(member.name)
+                        continue
                     key, ext = base_plus_ext(member.name)
                     if key is None:
                         continue
@@ -159,10 +172,13 @@ def scan_shard(path: Path) -> ShardScan:
                     if ext in current["members"]:
                         raise UserError(f"shard {name}, key {key!r}: member .{ext} occurs twice")
                     current["members"][ext] = (member.offset_data, member.size)
-                    if ext in ("cls", "json") and current["label"] is None:
-                        data = archive.extractfile(member).read()
-                        if ext == "cls" or b'"label"' in data:
-                            current["label"] = _parse_label(name, key, ext, data)
+                    if ext in ("cls", "json"):
+                        label = _parse_label(name, key, ext, archive.extractfile(member).read())
+                        if label is not None and current["label"] not in (None, label):
+                            raise UserError(
+                                f"shard {name}, key {key!r}: its .cls and .json labels disagree ({current['label']} "
+                                f"and {label}, in tar order); make them agree")
+                        current["label"] = label if label is not None else current["label"]
                     elif ext == SOURCE_EXT:
                         current["source"] = _parse_source(name, key, archive.extractfile(member).read())
                 close_sample(current)
@@ -181,6 +197,10 @@ def scan_shard(path: Path) -> ShardScan:
         ) from None
     if not keys:
         raise UserError(f"shard {name} holds no samples; remove it from the shard list")
+    if skipped:
+        logging.getLogger("dho_pipeline").warning(
+            "warning: shard %s: skipped %d macOS metadata member(s) (AppleDouble ._ files, .DS_Store), e.g. %r",
+            name, len(skipped), skipped[0])
     return ShardScan(
         size=size,
         fingerprint=fingerprint,
@@ -230,7 +250,7 @@ def iter_shard_samples(path: Path, stream=None) -> Iterator[dict]:
             yield from iter_shard_samples(path, opened)
         return
     files = tar_file_expander([{"url": str(path), "stream": stream}], eof_value=None)
-    yield from group_by_keys(files)
+    yield from group_by_keys(f for f in files if not is_macos_metadata(f["fname"]))
 
 
 def image_field(sample: dict) -> str | None:

@@ -23,8 +23,8 @@ to the shard's full sha256, so a shard that changed since its manifest is named 
 
 The view a sample shows at stream epoch e is view (e + h) mod V, h a per-sample hash: views are
 covered evenly and differ between neighbours. With `crops_only` (the reference never trains on a
-whole-image view) it is view 1 + (e + h) mod (V - 1): the random crops only, never view 0. Its pixels are the original image cropped by the
-cached box, flipped as recorded, resized to the student's input (views.render_view), so teacher and
+whole-image view) it is view 1 + (e + h) mod (V - 1): the random crops only, never view 0. Its pixels
+are the original image cropped by the cached box, flipped as recorded, resized to the student's input (views.render_view), so teacher and
 student always see the same view; with `via_size` (the reference's resampling) it is rendered at the
 teacher's size first and resized from there. Evaluation shows the centred square, or with
 `eval_view="reference"` the reference's evaluation chain (views.render_reference_eval).
@@ -33,6 +33,7 @@ teacher's size first and resized from there. Evaluation shows the centred square
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -313,7 +314,16 @@ class StudentBatches(IterableDataset):
         reader = _ImageReader(self.table)
         index = self.first_batch + w
         while self.num_batches is None or index < self.first_batch + self.num_batches:
-            yield self._batch(reader, index)
+            try:
+                batch = self._batch(reader, index)
+            except UserError as error:
+                if worker is None:
+                    raise
+                # A worker's exception reaches the caller wrapped in its traceback; this one line
+                # is raised by the main process instead (StudentLoader), as with no workers.
+                yield {"error": str(error)}
+                return
+            yield batch
             index += workers
 
     def _views(self, sample_ids, epochs, images):
@@ -373,6 +383,61 @@ class StudentBatches(IterableDataset):
         return batch
 
 
+def training_samples(manifest: Manifest, split, reader: CacheReader | None, *, batch_size: int, world: int,
+                     needs_unlabeled: bool, where: str, warn: bool = True):
+    """(table, labeled ids, unlabeled ids, counts) of a split, for training.
+
+    Samples stage one could not decode (--on-error skip) have no teacher targets: skipped and counted.
+    Streams that cannot fill a step are refused, naming the numbers; a labeled set smaller than the
+    batch (each labeled sample then appears several times per step) is a warning (logged if `warn`)."""
+    table = SampleTable.from_manifest(manifest)
+    usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
+    labeled = table.ids_of(split.labeled_mask(manifest))
+    unlabeled = table.ids_of(split.unlabeled_mask(manifest))
+    counts = {"labeled": int(usable[labeled].sum()), "unlabeled": int(usable[unlabeled].sum()),
+              "skipped_missing": int((~usable[labeled]).sum() + (~usable[unlabeled]).sum())}
+    labeled, unlabeled = labeled[usable[labeled]], unlabeled[usable[unlabeled]]
+    warnings = check_stream_sizes(table, labeled, unlabeled if needs_unlabeled else None, batch_size=batch_size,
+                                  world=world, where=where)
+    for warning in warnings if warn else ():
+        logging.getLogger("dho_pipeline").warning("warning: %s", warning)
+    return table, labeled, unlabeled, counts
+
+
+def check_stream_sizes(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, batch_size: int,
+                       world: int, where: str) -> list[str]:
+    """Refuse streams too small for the global batch or the processes; return warnings.
+
+    Labeled samples are dealt to processes one by one, unlabeled ones a whole shard at a time."""
+    n = len(labeled)
+    if n < world:
+        have = f"{n} labeled samples" if n else "no labeled samples (that the cache holds)"
+        raise UserError(f"{where} has {have}, fewer than the {world} process(es); each needs at least one")
+    warnings = []
+    if batch_size > n:
+        warnings.append(f"--batch-size {batch_size} is larger than the {n} labeled samples of {where}: each labeled "
+                        f"sample appears about {batch_size / n:.1f} times per step")
+    if unlabeled is None:
+        return warnings
+    u = len(unlabeled)
+    if u == 0:
+        raise UserError(f"{where} has no unlabeled samples (that the cache holds); this objective trains on "
+                        "unlabeled images too: draw a split that leaves some unlabeled, or use --objective ce")
+    if batch_size > u:
+        raise UserError(f"--batch-size {batch_size} is larger than the {u} unlabeled samples of {where} (an epoch "
+                        f"would be less than one step); use --batch-size {u} or less")
+    per_shard = np.sort(np.bincount(table.shard[unlabeled])[np.unique(table.shard[unlabeled])])
+    if len(per_shard) < world:
+        raise UserError(f"the {u} unlabeled samples of {where} lie in {len(per_shard)} shard(s), fewer than the "
+                        f"{world} processes (each takes whole shards); use at most {len(per_shard)} processes, "
+                        "or more, smaller shards")
+    fewest = int(per_shard[: len(per_shard) // world].sum())  # a process's share in the worst epoch
+    if fewest < batch_size // world:
+        warnings.append(f"a process may get only {fewest} unlabeled samples in an epoch (whole shards, dealt anew "
+                        f"each epoch), fewer than its {batch_size // world} per step: they repeat within the step")
+    return warnings
+
+
 def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndarray | None, *, image_size,
                      micro_batch: int, seed: int, rank: int, world: int, positions: dict[str, int], workers: int,
                      reader: CacheReader | None = None, online_views: ViewPolicy | None = None,
@@ -391,8 +456,7 @@ def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndar
             first_batch=first, online_views=online_views, extra_sizes=(teacher_size,) if teacher_size else (),
             via_size=via_size, crops_only=crops_only,
         )
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                           persistent_workers=False, prefetch_factor=4 if workers else None)
+        return StudentLoader(dataset, workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
 
     loaders = {"labeled": loader(labeled_order(labeled, seed, rank, world), positions["labeled"],
                                  PreloadedRows(reader, table, labeled) if reader else None)}
@@ -400,3 +464,20 @@ def training_loaders(table: SampleTable, labeled: np.ndarray, unlabeled: np.ndar
         loaders["unlabeled"] = loader(unlabeled_order(table, unlabeled, seed, rank, world), positions["unlabeled"],
                                       ShardRows(reader, table) if reader else None)
     return loaders
+
+
+class StudentLoader:
+    """A DataLoader over StudentBatches whose workers' errors reach the caller as the one line they
+    would raise with no workers, and whose workers die with this process (processes.worker_init)."""
+
+    def __init__(self, dataset: StudentBatches, workers: int, **options):
+        from .processes import worker_init_fn
+
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                  worker_init_fn=worker_init_fn() if workers else None, **options)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if "error" in batch:
+                raise UserError(batch["error"])
+            yield batch

@@ -204,7 +204,17 @@ def describe_decode_error(error: BaseException) -> str:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes fully (so corruption surfaces here, not later) and convert to RGB."""
+    """Decode image bytes fully (so corruption surfaces here, not later) and convert to 8-bit RGB.
+
+    Every stage and `predict` decode through here, so they all see the same pixels:
+    - 16-bit samples keep their high byte (v >> 8), as Pillow decodes 16-bit RGB(A) PNGs; its own
+      conversion of 16-bit greyscale (modes I;16*, I) would clip every value above 255 to white.
+    - EXIF orientation is ignored, as torchvision's and timm's ImageNet loaders (and the DHO reference)
+      ignore it: an image is used as its pixels are stored.
+    """
     with Image.open(io.BytesIO(data)) as image:
         image.load()
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+            return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
         return image.convert("RGB")

@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dho_pipeline.errors import UserError
+from dho_pipeline.errors import Stopped, UserError
 
 from dho_pipeline.cache_store import CLASS_EMBEDDINGS, COMPRESSIONS, DEFAULT_COMPRESSION
 from dho_pipeline.hashing import FILE_CHECKS
@@ -254,6 +254,7 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
 
     from dho_pipeline.cache_store import ShardData, index_dtype
     from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.processes import StopSignals, worker_init_fn
     from dho_pipeline.teacher import summarize_logits
     from dho_pipeline.teacher_data import ShardTask, ViewBatches
 
@@ -262,12 +263,14 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
     tasks = [ShardTask(i, manifest.shards[i].name, str(manifest.shards[i].path), manifest.shards[i].keys) for i in todo]
     images_per_batch = _views_per_batch(config) // config.views
     dataset = ViewBatches(tasks, policy, preprocess.image_size, images_per_batch, config.on_error == "skip")
+    workers = min(config.workers, len(tasks))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
-        num_workers=min(config.workers, len(tasks)),
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        worker_init_fn=worker_init_fn() if workers else None,  # workers die with this process
     )
     normalize = Normalizer(preprocess.mean, preprocess.std, device)
     spec = cache.spec
@@ -299,7 +302,8 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
             "wall_seconds": round(time.perf_counter() - progress.started, 4),
         })
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as writer:
+    written = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as writer, StopSignals() as signals:
         try:
             for batch in loader:
                 if batch["error"]:
@@ -335,10 +339,16 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
                 bar.update(len(positions))
                 if progress.received == len(data.keys) and data.source_fingerprint is not None:
                     pending.append(writer.submit(write, index, in_progress.pop(index)))
+                    written += 1
                 for future in [f for f in pending if f.done()]:
                     future.result()  # surface a write error (e.g. disk full) now, not at the end
                     pending.remove(future)
+                if signals.received:  # shards in progress stay unwritten: incomplete, redone by a rerun
+                    break
         finally:
             bar.close()
             for future in pending:
                 future.result()
+    if signals.received and written < len(tasks):
+        raise Stopped(f"cache-teacher stopped by {signals.received}: {written} shard(s) written whole in this run, "
+                      f"{len(tasks) - written} left to do; rerun the same command to resume")

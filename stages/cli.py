@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from dho_pipeline.errors import UserError
+from dho_pipeline.errors import Stopped, UserError
 
 from . import cache_teacher as cache_teacher_stage
 from . import calibrate as calibrate_stage
@@ -44,6 +44,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as error:
             raise click.ClickException(str(error)) from None
+        except Stopped as stop:  # a clean stop on SIGTERM/SIGINT, state saved: say how to continue
+            if _is_main_rank():
+                click.echo(str(stop), err=True)
+            sys.exit(Stopped.EXIT_CODE)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)

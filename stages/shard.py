@@ -35,16 +35,19 @@ class Config:
     seed: int = setting(0, help="Seed of the sample order (a shuffle of the sorted file list).")
     coop_split: Path | None = setting(None, help="A CoOp split file (split_zhou_<Dataset>.json) or FGVC-Aircraft's "
                                       "variants.txt: shard its train/val/test lists; FOLDER is its image folder.")
+    overwrite: bool = setting(False, help="Remove shards that --out names from an earlier run first (else refused).")
 
 
 def run(config: Config) -> dict:
-    from dho_pipeline.shard_writer import folder_samples, shuffled, write_shards
+    from dho_pipeline.shard_writer import check_pattern, claim_shard_folder, folder_samples, shuffled, write_shards
     from dho_pipeline.prompts import read_lines
 
+    check_pattern(config.out)
     if config.coop_split is not None:
         return _coop(config)
     class_list = read_lines(_class_list_file(config.classes), "class-list") if config.classes else None
     samples, classes, skipped = folder_samples(Path(config.folder), class_list)
+    claim_shard_folder(config.out, config.overwrite)
     paths = write_shards(shuffled(samples, config.seed), config.out, maxcount=config.maxcount, maxsize=config.maxsize)
     return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped}
 
@@ -60,7 +63,7 @@ def _coop(config: Config) -> dict:
     from dho_pipeline.coop import PARTS, part_samples, read_coop
     from dho_pipeline.errors import UserError
     from dho_pipeline.jsonfiles import write_text_atomically
-    from dho_pipeline.shard_writer import shuffled, write_shards
+    from dho_pipeline.shard_writer import claim_shard_folder, shuffled, write_shards
 
     if "{split}" not in config.out:
         raise UserError(f"--out {config.out!r} needs a {{split}} placeholder with --coop-split, "
@@ -71,6 +74,8 @@ def _coop(config: Config) -> dict:
     folder = Path(config.folder)
     # Every part is checked before any shard is written.
     samples = {part: part_samples(dataset, part, folder) for part in PARTS if dataset.parts[part]}
+    for part in samples:
+        claim_shard_folder(config.out.replace("{split}", part), config.overwrite)
     shards, counts = [], {}
     for part, part_list in samples.items():
         pattern = config.out.replace("{split}", part)

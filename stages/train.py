@@ -24,18 +24,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dho_pipeline.cache_store import CLASS_EMBEDDINGS
-from dho_pipeline.errors import UserError
+from dho_pipeline.errors import Stopped, UserError
 from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.schedule import EPOCH_STEPS, LR_SCHEDULES
 from dho_pipeline.split import RULES as SPLIT_RULES
 from dho_pipeline.views import EVAL_VIEWS, TRAIN_RESIZES
 
-from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
+from .common import PRECISIONS, MetricsWindow, append_jsonl, log
 from .options import FloatList, read_recipe, setting
 from .trackers import CHOICES as TRACKER_CHOICES
 
@@ -235,59 +235,48 @@ def _check_cache_settings(config: Config, spec) -> None:
                         "holds only view 0: build it with --views 2 or more")
 
 
-def _samples(config, manifest, reader, split):
-    """The labeled and unlabeled sample ids to train on, the table they index, and their counts.
-
-    Samples stage one could not decode (--on-error skip) have no teacher targets: skipped and counted."""
-    import numpy as np
-
-    from dho_pipeline.student_data import SampleTable
-
-    table = SampleTable.from_manifest(manifest)
-    usable = ~np.concatenate(reader.missing_masks()) if reader else np.ones(len(table.shard), bool)
-    labeled = table.ids_of(split.labeled_mask(manifest))
-    unlabeled = table.ids_of(split.unlabeled_mask(manifest))
-    counts = {"labeled": int(usable[labeled].sum()), "unlabeled": int(usable[unlabeled].sum()),
-              "skipped_missing": int((~usable[labeled]).sum() + (~usable[unlabeled]).sum())}
-    labeled, unlabeled = labeled[usable[labeled]], unlabeled[usable[unlabeled]]
-    if len(labeled) == 0:
-        raise UserError(f"split {config.split} has no labeled samples that the cache holds")
-    return table, labeled, unlabeled, counts
-
-
 def run(config: Config) -> dict:
+    with ExitStack() as held:  # holds the run directory's lock until the run ends
+        return _train(config, held)
+
+
+def _train(config: Config, held: ExitStack) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from tqdm import tqdm
 
+    from dho_pipeline import run_directory
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
     from dho_pipeline.backbones import build_backbone
+    from dho_pipeline.evaluation import epoch_evaluator
+    from dho_pipeline.finite_guard import FiniteGuard
     from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.processes import StopSignals, StopVote
     from dho_pipeline.schedule import StepPlan, learning_rate
     from dho_pipeline.student import build_student
-    from dho_pipeline.student_data import training_loaders
+    from dho_pipeline.student_data import training_loaders, training_samples
 
-    from .common import process_state, resolve_compile, resolve_precision
+    from .common import on_main_then_share, process_state, resolve_compile, resolve_precision
     from .trackers import chosen_trackers, hparams, init_kwargs
 
-    # ---- setup: inputs checked, run directory claimed --------------------------------------------
+    # ---- setup: inputs checked, run directory claimed (a second run in it is refused) and checked ----
+    state = process_state(config.device)
     manifest, reader, split, classnames, templates = _check_inputs(config)
     trackers = chosen_trackers(config.report_to)
     started = time.time() - _earlier_seconds(config)
     objective = config.objective_spec()
+    table, labeled_ids, unlabeled_ids, counts = training_samples(  # streams too small for the batch: refused
+        manifest, split, reader, batch_size=config.batch_size, world=state.num_processes,
+        needs_unlabeled=objective.needs_teacher, where=f"split {config.split}", warn=state.is_main_process)
+    inputs = run_directory.input_fingerprints(manifest, split, reader, vars(config))
     out = Path(config.out)
-    state = process_state(config.device)
     precision = resolve_precision(config.precision, state.device)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    on_main_then_share(state, lambda: held.enter_context(run_directory.locked(out)))
     saved = complete_training_states(out)
-    if saved and not config.resume:
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-    if config.resume and (out / "config.json").exists():
-        previous = json.loads((out / "config.json").read_text())
-        changed = [k for k in _TRAJECTORY if k in previous and previous[k] != config.to_json()[k]]
-        if changed:
-            raise UserError(f"--resume: {out} was trained with different {', '.join(changed)}; resume with the same settings")
+    run_directory.check_continuation(out, resume=config.resume, has_checkpoints=bool(saved), settings=config.to_json(),
+                                     trajectory=_TRAJECTORY, inputs=inputs)
     state.wait_for_everyone()
     # Only DHO uses both heads; the baselines leave one idle, which DDP must be told about.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.objective != "dho")
@@ -300,7 +289,7 @@ def run(config: Config) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_training_states(out)
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        run_directory.record_start(out, config.to_json(), inputs)
 
     # ---- model and optimiser ----------------------------------------------------------------------
     backbone = build_backbone(config.student, config.pretrained)
@@ -332,7 +321,6 @@ def run(config: Config) -> dict:
     micro_batch = _micro_batch(config, accelerator.num_processes)
     teacher = _online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
         if config.teacher_online else None
-    table, labeled_ids, unlabeled_ids, counts = _samples(config, manifest, reader, split)
     streams = training_loaders(
         table, labeled_ids, unlabeled_ids if objective.needs_teacher else None,
         image_size=student_preprocess.image_size, micro_batch=micro_batch, seed=config.seed,
@@ -351,7 +339,12 @@ def run(config: Config) -> dict:
 
     lr_at(0)  # a schedule that cannot serve this run refuses now, before any step
     last_step = plan.total_steps if config.max_steps is None else min(plan.total_steps, config.max_steps)
-    evaluation = _evaluator(config, accelerator, student, normalize, student_preprocess, classnames)
+    evaluation = epoch_evaluator(
+        config.eval_data, student, normalize, student_preprocess, classnames, rank=accelerator.process_index,
+        world=accelerator.num_processes, batch_size=config.eval_batch_size, workers=config.workers,
+        autocast=accelerator.autocast, reduce_sum=lambda stats: reduce_sum(accelerator.state, stats),
+        eval_view=config.eval_view,
+    )
     if accelerator.is_main_process:
         log.info(
             "%d labeled + %d unlabeled samples (%d missing from the cache, skipped); %d steps per epoch, %d in all; "
@@ -365,11 +358,16 @@ def run(config: Config) -> dict:
     iterators = {name: iter(loader) for name, loader in streams.items()}
     metrics_path = out / "metrics.jsonl"
     window = MetricsWindow()
-    last_eval = None
+    last_eval, stopping, saved_step = None, False, step
+    # SIGTERM/SIGINT: every process finishes its step, one checkpoint is written, the run exits (errors.Stopped).
+    signals = StopSignals()
+    vote = StopVote(signals, accelerator.num_processes)
+    guard = FiniteGuard(student.parameters(), num_processes=accelerator.num_processes)
     bar = tqdm(total=last_step, initial=step, unit="step", desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    with bar:  # closed (and its line ended) on the way out, errors included
-        while step < last_step:
+    with bar, signals:  # the bar is closed (and its line ended) on the way out, errors included
+        while step < last_step and not stopping:
+            vote.post()
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -390,14 +388,22 @@ def run(config: Config) -> dict:
                 accelerator.backward(loss)
                 window.add(losses, 1 / config.grad_accum)
                 window.samples += sum(len(b["labels"]) for b in batches.values()) * accelerator.num_processes
+                guard.add(batches, loss)
+            guard.end_step(step + 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch = plan.epoch_of(step)
             bar.update(1)
+            stopping = vote.stop()
+            epoch_end = step % plan.steps_per_epoch == 0
+            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+            save = epoch_end or periodic or stopping or step == last_step
 
-            # ---- log ----
+            # ---- check, then log ----
             window.steps += 1
+            if save or step % config.log_every == 0:  # the host syncs here anyway
+                guard.check(saved_step, report=out / "nonfinite.json", write_report=accelerator.is_main_process)
             if step % config.log_every == 0 or step == last_step:
                 record = window.record(step, epoch, lr)
                 if accelerator.is_main_process:
@@ -406,15 +412,21 @@ def run(config: Config) -> dict:
                                     | {"img/s": f"{record['samples_per_second']:.0f}"})
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-            # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps) ----
-            epoch_end = step % plan.steps_per_epoch == 0
-            if epoch_end and evaluation is not None:
+            # ---- evaluate and checkpoint, at epoch ends (and every checkpoint_every steps, or on a stop) ----
+            if epoch_end and evaluation is not None and not stopping:
                 last_eval = evaluation()
                 if accelerator.is_main_process:
                     append_jsonl(metrics_path, {"step": step, "epoch": epoch, "eval": last_eval})
                 accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
-            if epoch_end or step == last_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if save:
                 _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch)
+                saved_step = step
+    if stopping and step < last_step:
+        append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions,
+                                           "stopped": signals.received or "by another process"})
+        accelerator.end_training()
+        raise Stopped(f"train stopped by {signals.received or 'a signal to another process'} after step {step}: "
+                      f"checkpoint {out}/checkpoints/step-{step:08d} written; continue with the same command and --resume")
 
     # ---- the released checkpoint ------------------------------------------------------------------
     finished = step >= plan.total_steps
@@ -423,8 +435,7 @@ def run(config: Config) -> dict:
                "eval": last_eval, **counts, "wall_seconds": round(time.time() - started, 3)}
     if accelerator.is_main_process:
         _student_checkpoint(config, accelerator.unwrap_model(student), student_spec, student_preprocess, classnames,
-                            templates,
-                            reader, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
+                            templates, inputs, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
                             ).save(out / "student.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions})
@@ -466,17 +477,14 @@ def _save_training_state(accelerator, out, config, student, optimizer, step, pos
     accelerator.wait_for_everyone()
 
 
-def _student_checkpoint(config, student, spec, preprocess, classnames, templates, reader, manifest, split, table,
+def _student_checkpoint(config, student, spec, preprocess, classnames, templates, inputs, manifest, split, table,
                         labeled_ids, step, finished, epoch, last_eval):
     """student.pt: the released format, with what this run was (architecture, data, fingerprints)."""
-    from dho_pipeline.hashing import fingerprint_json
     from dho_pipeline.student_checkpoint import PAPER_ALPHA_BETA, StudentCheckpoint, StudentMetadata
 
     metadata = StudentMetadata(
         model=spec.name, family=spec.family, head=config.head, pretrained=config.pretrained, preprocess=preprocess,
-        classnames=list(classnames),
-        templates=list(templates), config=config.to_json(),
-        cache_fingerprint=fingerprint_json(reader.spec.to_attrs()) if reader else None,
+        classnames=list(classnames), templates=list(templates), config=config.to_json(), cache_fingerprint=inputs["cache"],
         manifest_fingerprint=manifest.fingerprint, split_fingerprint=split.fingerprint, steps=step, finished=finished,
         labeled_keys=sorted(table.key(int(i)) for i in labeled_ids),
     )
@@ -500,33 +508,3 @@ def _online_teacher(config: Config, classnames, templates, device, precision, co
                                     dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size,
                                     class_embeddings=config.teacher_class_embeddings or "unit")
     return OnlineTeacher(loaded, seed=config.seed, crop_scale=config.crop_scale, device=device)
-
-
-def _evaluator(config: Config, accelerator, student, normalize, preprocess, classnames):
-    """A function that evaluates each head and the alpha = beta = 0.5 mix on --eval-data (each sample once
-    across ranks), or None."""
-    if config.eval_data is None:
-        return None
-    import numpy as np
-
-    from dho_pipeline.evaluation import finish_statistics, logits_on_samples, sufficient_statistics
-    from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.student_data import SampleTable
-
-    eval_manifest = load_manifest(config.eval_data)
-    eval_manifest.check_files(config.verify_shards)
-    eval_manifest.check_labels(len(classnames), required=True)
-    table = SampleTable.from_manifest(eval_manifest)
-
-    def evaluate() -> dict:
-        logits = logits_on_samples(
-            student, table, np.arange(len(table.label)), preprocess.image_size, normalize,
-            rank=accelerator.process_index, world=accelerator.num_processes, batch_size=config.eval_batch_size,
-            workers=config.workers, autocast=accelerator.autocast, crop=preprocess.crop_fraction,
-            eval_view=config.eval_view,
-        )
-        stats = reduce_sum(accelerator.state, sufficient_statistics(logits, 0.5, 0.5, len(classnames)))
-        report = finish_statistics(stats, len(classnames))
-        return {head: report[head]["top1"] for head in ("ce", "kd", "mix")} | {"samples": report["samples"]}
-
-    return evaluate

@@ -101,9 +101,9 @@ def test_shard_command_turns_class_folders_into_shards(tmp_path):
     labels = {k: int(s["cls"]) for k, s in zip(keys, samples)}
     assert all(labels[k] == (0 if k.startswith("n001") else 1) for k in keys)  # sorted folder names
     assert keys != sorted(keys)  # shuffled, so a streaming reader sees classes mixed
-    # Deterministic: the same command writes the same shards.
+    # Deterministic: the same command writes the same shards (over its earlier ones: --overwrite).
     first = (tmp_path / "s" / "train-000.tar").read_bytes()
-    cli("shard", root, "--out", tmp_path / "s" / "train-%03d.tar", "--maxcount", "4")
+    cli("shard", root, "--out", tmp_path / "s" / "train-%03d.tar", "--maxcount", "4", "--overwrite")
     assert (tmp_path / "s" / "train-000.tar").read_bytes() == first
 
     # A class list sets the label order; a folder missing from it is an error.
