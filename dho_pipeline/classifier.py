@@ -36,9 +36,9 @@ class ImagePreprocess:
 
     def pixels(self, image) -> np.ndarray:
         """uint8 [H, W, 3] before normalisation (the data pipeline's form)."""
-        from .views import center_box, render_view
+        from .views import center_box, render_view, to_rgb
 
-        image = image.convert("RGB")
+        image = to_rgb(image)
         return render_view(image, center_box(*image.size, self.spec.crop_fraction), False, self.image_size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -214,7 +214,13 @@ def decode_rgb(data: bytes) -> Image.Image:
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        if image.mode == "I" or image.mode.startswith("I;16"):
-            grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-            return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-        return image.convert("RGB")
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image in any mode as 8-bit RGB, the way decode_rgb converts it (also for PIL images given to the
+    Python API): 16-bit samples keep their high byte."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")

@@ -46,8 +46,10 @@ class Config:
     def __post_init__(self):
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
             raise UserError(f"--output {self.output}: write a .jsonl or a .csv file")
-        if self.topk < 1 or self.batch_size < 1:
-            raise UserError("--topk and --batch-size must be positive")
+        if self.topk < 1:
+            raise UserError(f"--topk must be a positive number of classes, not {self.topk}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, not {self.batch_size}")
 
 
 def _is_image(path: Path) -> bool:

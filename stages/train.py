@@ -35,7 +35,7 @@ from dho_pipeline.schedule import EPOCH_STEPS, LR_SCHEDULES
 from dho_pipeline.split import RULES as SPLIT_RULES
 from dho_pipeline.views import EVAL_VIEWS, TRAIN_RESIZES
 
-from .common import PRECISIONS, MetricsWindow, append_jsonl, log
+from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, read_recipe, setting
 from .trackers import CHOICES as TRACKER_CHOICES
 

@@ -301,7 +301,7 @@ def test_a_shard_remade_with_another_seed_is_named_as_changed(student, tmp_path)
     shard = tmp_path / "shards" / "s-000000.tar"
     assert invoke("manifest", shard, "--out", tmp_path / "m.json").exit_code == 0
     before = shard.read_bytes()
-    assert invoke("shard", tmp_path / "tree", "--out", pattern, "--seed", "1").exit_code == 0
+    assert invoke("shard", tmp_path / "tree", "--out", pattern, "--seed", "1", "--overwrite").exit_code == 0
     assert len(shard.read_bytes()) == len(before) and shard.read_bytes() != before  # same size, other order
     line = assert_clean_error(_evaluate(student, tmp_path / "m.json"),
                               "shard s-000000.tar changed since the manifest was built", "rebuild the manifest")

@@ -33,12 +33,12 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny dual-head student in the released format (no metadata: --student and --classnames given)."""
-    from dho_pipeline.clip_models import load_clip
+    from dho_pipeline.backbones import build_backbone
     from dho_pipeline.student import build_student
     from dho_pipeline.student_checkpoint import StudentCheckpoint
 
     path = tmp_path_factory.mktemp("student") / "student.pt"
-    student = build_student(load_clip("dho-tiny-student", "none"), CLASSNAMES, ["a photo of a {}."],
+    student = build_student(build_backbone("dho-tiny-student", "none"), CLASSNAMES, ["a photo of a {}."],
                             device=torch.device("cpu"))
     StudentCheckpoint(state_dict=student.state_dict(), epoch=0, acc=None, alpha=0.5, beta=0.5, metadata=None).save(path)
     return path
@@ -86,7 +86,7 @@ def test_a_checkpoint_that_is_text_or_random_bytes(tmp_path):
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
     for case, path in (("text file as --checkpoint", text), ("random bytes as --checkpoint", noise)):
         line = assert_clean_error(invoke("predict", "--checkpoint", path, image), str(path),
-                                  "is not a PyTorch checkpoint, or is damaged")
+                                  "is not a student file this tool reads", "a student checkpoint (.pt")
         assert "run code" not in line, line
         _outcome(case, line)
 
