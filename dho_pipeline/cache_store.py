@@ -290,23 +290,40 @@ def _lock_holder(handle) -> str:
 def exclusive_writer(cache_path: str | Path) -> Iterator[None]:
     """Hold `<cache>.lock` for the duration; a second writer gets a clear refusal, not a race.
 
-    The kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+    The kernel drops the lock when the process dies, so a killed run never leaves a stale lock. A start
+    that fails before creating the cache (a teacher that cannot load, ...) removes the lock file while
+    still holding it, so it leaves nothing behind; a taker that opened that file just before checks, once
+    it holds the lock, that the file is still the one at the path, and else starts over.
     """
     lock_path = Path(str(cache_path).rstrip("/") + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")
-    try:
+    while True:
+        handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(handle)
+            handle.close()
             raise UserError(
-                f"cache {cache_path} is being written by {_lock_holder(handle)}; wait for it to finish "
-                "(or stop it), then rerun to resume"
+                f"cache {cache_path} is being written by {holder}; wait for it to finish (or stop it), then rerun to resume"
             ) from None
+        if _same_file(handle, lock_path):
+            break
+        handle.close()  # removed by its last holder after we opened it: take the new one
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         yield
     finally:
+        if not Path(cache_path).exists():  # nothing written: leave no lock file behind (still held here)
+            lock_path.unlink(missing_ok=True)
         handle.close()
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
