@@ -67,6 +67,7 @@ def run(config: Config) -> dict:
     logits = student_logits_on(
         loaded, manifest, np.arange(manifest.num_samples), rank=state.process_index, world=state.num_processes,
         batch_size=config.batch_size, workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
+        progress="evaluate",
     )
     num_classes = len(loaded.classnames)
     stats = reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes))
