@@ -22,7 +22,7 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from dho_pipeline.cache_store import COMPRESSIONS, DEFAULT_COMPRESSION
-from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+from dho_pipeline.package_data import IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
 from .common import PRECISIONS, append_jsonl, log, on_main_then_share
@@ -38,8 +38,10 @@ class Config:
     out: Path = setting(help="Teacher cache to write (a .zarr directory).")
     teacher: str = setting(DEFAULT_TEACHER, help="open_clip model name, or an open_clip model-config JSON file.")
     pretrained: str = setting(DEFAULT_PRETRAINED, help="open_clip tag, local weights file, or 'none' (random, for tests).")
-    classnames: Path = setting(IMAGENET_CLASSNAMES, default_text="ImageNet's 1000 CLIP class names",
-                               help="Class names, one per line, in label order.")
+    classnames: Path | None = setting(None, default_text="the manifest's (classes.txt beside its shards), else ImageNet's 1000",
+                                      help="Class names, one per line, in label order.")
+    allow_unused_classes: bool = setting(False, help="Accept more class names than the labels imply (classes no "
+                                         "sample is labeled with).")
     templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
                               help="Prompt templates, one per line, with {} where the class name goes.")
     views: int = setting(1, help="Views per image; view 0 is the teacher's own evaluation view.")
@@ -94,17 +96,17 @@ def run(config: Config) -> dict:
     from dho_pipeline.cache_store import CacheSpec, TeacherCache, exclusive_writer
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.teacher import LOGIT_SCALE, load_zero_shot_teacher
-    from dho_pipeline.prompts import read_classnames, read_templates
+    from dho_pipeline.prompts import read_templates
     from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
 
-    from .common import precision_dtype, process_state, resolve_compile, resolve_device, resolve_precision
+    from .common import class_list, precision_dtype, process_state, resolve_compile, resolve_device, resolve_precision
 
     # ---- inputs, all checked before the teacher is loaded ----------------------------------------
     manifest = load_manifest(config.manifest)
     manifest.check_files()
-    classnames = read_classnames(config.classnames)
+    classnames, source = class_list(config.classnames, manifest)
     templates = read_templates(config.templates)
-    manifest.check_labels(len(classnames))
+    manifest.check_class_count(len(classnames), source, allow_unused=config.allow_unused_classes)
     # k >= the number of classes simply keeps every logit.
     k = len(classnames) if config.topk is None else min(config.topk, len(classnames))
 
@@ -207,10 +209,9 @@ def _views_per_batch(config: Config) -> int:
 def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy, preprocess):
     """The loop: batches of views in, teacher logits out, whole shards handed to the writer."""
     import torch
-    from tqdm import tqdm
-
     from dho_pipeline.cache_store import ShardData, index_dtype
     from dho_pipeline.pixels import Normalizer
+    from dho_pipeline.progress import progress
     from dho_pipeline.teacher import summarize_logits
     from dho_pipeline.teacher_data import ShardTask, ViewBatches
 
@@ -238,9 +239,9 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
     in_progress: dict[int, _ShardProgress] = {}
     pending: list[Future] = []
     total_images = sum(len(t.keys) for t in tasks)
-    bar = tqdm(
+    bar = progress(
         total=total_images, unit="img", desc=f"teacher (rank {state.process_index})" if state.num_processes > 1 else "teacher",
-        disable=not state.is_main_process, dynamic_ncols=True,
+        show=state.is_main_process,
     )
 
     def write(index: int, progress: _ShardProgress) -> None:

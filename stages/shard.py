@@ -5,6 +5,10 @@
 This is how a user gets from an ImageNet download (`train/<synset>/<image>.JPEG`) to the pipeline's
 input. Class indices follow the class-list file (folder names, one per line, in label order) or the
 sorted folder names (for ImageNet the same order: manifests/imagenet_wnids.txt lists it).
+
+Beside the shards it writes `classes.txt`: line i names class i, the folder name with underscores as
+spaces (`golden_retriever` -> `golden retriever`; ImageNet's WordNet-id folders get CLIP's ImageNet
+class names). `manifest` records those names, and `cache-teacher` and `train` use them by default.
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ class Config:
 
 
 def run(config: Config) -> dict:
-    from dho_pipeline.shard_writer import folder_samples, shuffled, write_shards
+    from dho_pipeline.progress import progress
+    from dho_pipeline.shard_writer import folder_samples, shuffled, write_class_names, write_shards
     from dho_pipeline.prompts import read_lines
 
     class_list = read_lines(config.classes, "class-list") if config.classes else None
     samples, classes, skipped = folder_samples(Path(config.folder), class_list)
-    paths = write_shards(shuffled(samples, config.seed), config.out, maxcount=config.maxcount, maxsize=config.maxsize)
-    return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped}
+    ordered = progress(shuffled(samples, config.seed), total=len(samples), unit="img", desc="shard")
+    paths = write_shards(ordered, config.out, maxcount=config.maxcount, maxsize=config.maxsize)
+    names_file, problem = write_class_names(classes, Path(config.out % 0).parent)
+    return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped,
+            "classnames": str(names_file) if names_file else None, "classnames_problem": problem}

@@ -27,8 +27,10 @@ class Config:
 
 def run(config: Config):
     from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.split import draw_split, save_split
+    from dho_pipeline.split import draw_split, save_split, split_warnings
     from dho_pipeline.prompts import read_lines
+
+    from .common import log
 
     manifest = load_manifest(config.manifest)
     names = read_lines(config.from_list, "image list") if config.from_list else None
@@ -37,4 +39,6 @@ def run(config: Config):
         from_list=names, list_name=str(config.from_list) if config.from_list else None,
     )
     save_split(split, Path(config.out))
+    for warning in split_warnings(split, manifest):
+        log.warning("warning: %s", warning)
     return split
