@@ -159,10 +159,14 @@ def save_heatmap(report: dict, path: Path) -> None:
         axes.set_yticks(range(0, len(grid["alphas"]), step), [f"{a:g}" for a in grid["alphas"][::step]])
         axes.set_xlabel("beta (KD-head temperature)")
         axes.set_ylabel("alpha (weight of the CE head)")
+        if "nll" in grid and min(accuracy.shape) > 1:  # where accuracy ties, the held-out NLL decides: its contours
+            contours = axes.contour(np.array(grid["nll"]), levels=6, colors="white", linewidths=0.7, alpha=0.8)
+            axes.clabel(contours, fontsize=7, fmt="%.3g")
         row, col = grid["alphas"].index(grid["best"]["alpha"]), grid["betas"].index(grid["best"]["beta"])
         axes.plot(col, row, marker="*", color="white", markeredgecolor="black", markersize=15)
         axes.set_title(f"{name}: best alpha={grid['best']['alpha']:g}, beta={grid['best']['beta']:.3g}\n"
-                       f"({grid['tied_at_best_accuracy']} point(s) at its best top-1; ties by held-out NLL)", fontsize=9)
+                       f"({grid['tied_at_best_accuracy']} point(s) at its best top-1; ties by held-out NLL, "
+                       "white contours)", fontsize=9)
     # where the fine grid lies on the coarse one
     rows = [i for i, a in enumerate(coarse["alphas"]) if min(fine["alphas"]) <= a <= max(fine["alphas"])]
     cols = [j for j, b in enumerate(coarse["betas"]) if min(fine["betas"]) <= b <= max(fine["betas"])]

@@ -32,3 +32,15 @@ def test_demo_reports_real_measurements(tmp_path):
     # A rerun resumes everything (shards byte-identical, caches complete, runs finished) and agrees.
     again = json.loads(cli("demo", "--out", out, "--epochs", "2", "--views", "2", "--json").stdout)
     assert again["accuracy"] == accuracy
+    # ... and reports each reused step (caches, training runs) with the time it took when it did the work,
+    # marked as reused, never the moment the skip took; the report says so.
+    first = {c["command"]: c for c in results["commands"]}
+    reused = [c for c in again["commands"] if c["reused"]]
+    assert {c["command"].split()[1] for c in reused} == {"cache-teacher", "train"} and len(reused) == 9
+    assert all(c["seconds"] == first[c["command"]]["seconds"] and not first[c["command"]]["reused"] for c in reused)
+    assert not any(c["reused"] for c in again["commands"] if c["command"].split()[1] in ("calibrate", "evaluate"))
+    text = (report / "report.md").read_text()
+    assert "9 step(s) reused the work of an earlier run" in text and " (reused) | `dho-pipeline train " in text
+    # calibration on enough held-out images to rank the grid, and the report says how many chose the point
+    assert again["dho_alpha_beta"]["held_out_images"] == 100
+    assert f"chosen on the {again['dho_alpha_beta']['held_out_images']} held-out train images" in text
