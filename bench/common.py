@@ -1,4 +1,9 @@
-"""Shared pieces of the benchmarks: synthetic CLIP-like logits, generated JPEG shards, timing, output."""
+"""Shared pieces of the benchmarks: synthetic CLIP-like logits, generated JPEG shards, timing, output.
+
+`save(name, figures)` writes the figures with where they came from (`provenance()`): the command, the git
+commit (sha, and whether the tree differed from it), the machine, the load average and the date.
+(A minimal version, written on branch issue-17; main is getting a fuller provenance writer with the same
+`save` signature, which replaces this one when the branches meet.)"""
 
 from __future__ import annotations
 
@@ -7,13 +12,17 @@ import json
 import os
 import platform
 import resource
+import shlex
+import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def clip_like_logits(rows: int, classes: int = 1000, seed: int = 0) -> np.ndarray:
@@ -72,12 +81,13 @@ def write_class_lists(folder: Path) -> tuple[Path, Path]:
 
 
 def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
 def peak_rss_mb(children: bool = False) -> float:
@@ -85,12 +95,47 @@ def peak_rss_mb(children: bool = False) -> float:
     return usage.ru_maxrss / 1024
 
 
-def save(name: str, figures: dict) -> Path:
-    out = Path(os.environ.get("BENCH_OUT", "bench-out"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **figures}, indent=2) + "\n")
-    print(f"wrote {path}")
+def git_commit() -> dict:
+    """HEAD and whether the working tree differs from it (read-only git calls: no index lock)."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *words], capture_output=True, text=True,
+                              check=True).stdout
+
+    try:
+        sha, status = git("rev-parse", "HEAD").strip(), git("status", "--porcelain").splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    changed = [line[3:] for line in status if not line[3:].startswith(("bench/results/", "bench-out/"))]
+    return {"sha": sha, "dirty": bool(changed), "dirty_files": changed[:40]}
+
+
+_STARTED = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load": os.getloadavg()}
+
+
+def provenance() -> dict:
+    words = [sys.executable, *sys.argv]
+    def relative(word: str) -> str:  # the interpreter and script as typed from the repository root
+        full = Path(os.path.abspath(word))
+        return str(full.relative_to(REPO)) if full.exists() and full.is_relative_to(REPO) else word
+
+    words = [relative(w) for w in words[:2]] + words[2:]
+    return {
+        "command": shlex.join(words),
+        "commit": git_commit(),
+        "machine": machine(),
+        "load_average": {"start": [round(x, 2) for x in _STARTED["load"]], "end": [round(x, 2) for x in os.getloadavg()]},
+        "date": {"start": _STARTED["date"], "end": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+
+
+def save(name: str, figures: dict, out: Path | None = None, quiet: bool = False) -> Path:
+    """Write the figures with their provenance to <out or $BENCH_OUT or bench-out>/<name>.json."""
+    folder = Path(out) if out is not None else Path(os.environ.get("BENCH_OUT", "bench-out"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({**provenance(), **figures}, indent=2) + "\n")
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 
