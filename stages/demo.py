@@ -57,7 +57,7 @@ METHODS = {  # report row -> (run name, head read from the evaluation)
 class Config:
     out: Path = setting(Path("demo-out"), help="Folder for the demo's data, caches, runs and report.")
     seed: int = setting(0, help="Seed of the label split, data order and views (the three-way data split is fixed).")
-    percent: float = setting(10.0, help="Labeled share of the train part.")
+    percent: float = setting(1.0, help="Labeled share of the train part (1%: one image per class).")
     holdout: int = setting(10, help="Held-out labeled images per class, for calibration.")
     views: int = setting(8, help="Cached teacher views per training image.")
     epochs: int = setting(30, help="Epochs per training run (passes over the unlabeled images).")
