@@ -109,7 +109,9 @@ def git_commit() -> dict:
     return {"sha": sha, "dirty": bool(changed), "dirty_files": changed[:40]}
 
 
-_STARTED = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load": os.getloadavg()}
+# What was measured is the code as it was when the script started.
+_STARTED = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load": os.getloadavg(),
+            "commit": git_commit()}
 
 
 def provenance() -> dict:
@@ -121,7 +123,7 @@ def provenance() -> dict:
     words = [relative(w) for w in words[:2]] + words[2:]
     return {
         "command": shlex.join(words),
-        "commit": git_commit(),
+        "commit": _STARTED["commit"],
         "machine": machine(),
         "load_average": {"start": [round(x, 2) for x in _STARTED["load"]], "end": [round(x, 2) for x in os.getloadavg()]},
         "date": {"start": _STARTED["date"], "end": datetime.now(timezone.utc).isoformat(timespec="seconds")},

@@ -129,7 +129,7 @@ class _Runner:
         def run_one():
             started = time.perf_counter()
             process = subprocess.Popen([sys.executable, "-m", "dho_pipeline.stages.cli", *words], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, env=environment)
+                                       stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=_die_with_parent)
             self._processes.append(process)
             stdout, stderr = process.communicate()
             return started, time.perf_counter() - started, process.returncode, stdout, stderr
@@ -166,6 +166,16 @@ class _Runner:
             self.timings_path.write_text(json.dumps(self.timings, indent=1) + "\n")
         self.commands.append(entry)
         self.commands.sort(key=lambda c: c["started_at"])
+
+
+def _die_with_parent() -> None:
+    """In a started command's process: stop when the demo's process dies (Linux), not run on orphaned."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def write_digit_shards(out: Path) -> dict[str, list[Path]]:
