@@ -119,17 +119,21 @@ class Manifest:
                         f"(0..{num_classes - 1}); check the class-names file or the shard's labels"
                     )
 
-    def check_class_count(self, num_classes: int, source: str, *, allow_unused: bool = False) -> None:
-        """Labels inside the class list, and (unless `allow_unused`) a list no longer than the labels
-        imply: ImageNet's 1000 names for a 5-class data set make a 1000-way teacher, silently."""
+    def check_class_count(self, num_classes: int, source: str, *, given: bool, allow_unused: bool = False) -> str | None:
+        """Labels inside the class list; a list longer than the labels imply (ImageNet's 1000 names for a
+        5-class data set make a 1000-way teacher) is refused when it was not `given` (a default) unless
+        `allow_unused`, and is a warning (returned) when the user named the file."""
         self.check_labels(num_classes)
         implied = self.label_range()
-        if implied is not None and num_classes > implied and not allow_unused:
-            raise UserError(
-                f"the class list ({source}) has {num_classes} names but the labels run 0..{implied - 1} ({implied} "
-                f"classes); pass the data set's own class names (--classnames FILE; `dho-pipeline shard` writes "
-                "classes.txt beside the shards), or --allow-unused-classes if no sample is labeled with the last ones"
-            )
+        if implied is None or num_classes <= implied or allow_unused:
+            return None
+        numbers = f"the class list ({source}) has {num_classes} names but the labels run 0..{implied - 1} ({implied} classes)"
+        if given:
+            return f"{numbers}: classes {implied}..{num_classes - 1} have no labeled sample; is it the right file?"
+        raise UserError(
+            f"{numbers}; pass the data set's own class names (--classnames FILE; `dho-pipeline shard` writes "
+            "classes.txt beside the shards), or --allow-unused-classes if no sample is labeled with the last ones"
+        )
 
     def label_range(self) -> int | None:
         """1 + the largest label (None when no sample is labeled): how many classes the labels imply."""

@@ -40,8 +40,8 @@ class Config:
     pretrained: str = setting(DEFAULT_PRETRAINED, help="open_clip tag, local weights file, or 'none' (random, for tests).")
     classnames: Path | None = setting(None, default_text="the manifest's (classes.txt beside its shards), else ImageNet's 1000",
                                       help="Class names, one per line, in label order.")
-    allow_unused_classes: bool = setting(False, help="Accept more class names than the labels imply (classes no "
-                                         "sample is labeled with).")
+    allow_unused_classes: bool = setting(False, help="Accept a default class list (the manifest's, ImageNet's) longer "
+                                         "than the labels imply (a --classnames file that is only warns).")
     templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
                               help="Prompt templates, one per line, with {} where the class name goes.")
     views: int = setting(1, help="Views per image; view 0 is the teacher's own evaluation view.")
@@ -106,7 +106,10 @@ def run(config: Config) -> dict:
     manifest.check_files()
     classnames, source = class_list(config.classnames, manifest)
     templates = read_templates(config.templates)
-    manifest.check_class_count(len(classnames), source, allow_unused=config.allow_unused_classes)
+    warning = manifest.check_class_count(len(classnames), source, given=config.classnames is not None,
+                                         allow_unused=config.allow_unused_classes)
+    if warning:
+        log.warning("warning: %s", warning)
     # k >= the number of classes simply keeps every logit.
     k = len(classnames) if config.topk is None else min(config.topk, len(classnames))
 

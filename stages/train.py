@@ -65,8 +65,8 @@ class Config:
     classnames: Path | None = setting(
         None, default_text="the manifest's (classes.txt beside its shards), else with a cache the cache's, online ImageNet's",
         help="With a cache: refuse unless it was built for these class names. Online: the classes.")
-    allow_unused_classes: bool = setting(False, help="Accept more class names than the labels imply (classes no "
-                                         "sample is labeled with).")
+    allow_unused_classes: bool = setting(False, help="Online: accept a default class list (the manifest's, "
+                                         "ImageNet's) longer than the labels imply (a file named, or a cache's list, only warns).")
     templates: Path | None = setting(None, default_text="the paper's 7 ImageNet templates",
                                      help="Online teacher: prompt templates, one per line with {}.")
     teacher_online: bool = setting(False, help="Run the teacher on each view in the loop (the reference's way), no cache.")
@@ -154,7 +154,11 @@ def _check_inputs(config: Config):
         classnames, templates = reader.spec.classnames, reader.spec.templates
         source = f"the class names of cache {config.cache}"
     manifest.check_files()
-    manifest.check_class_count(len(classnames), source, allow_unused=config.allow_unused_classes)
+    # A cache's list was checked when it was built (cache-teacher): here only a warning, as for a file named.
+    given = config.classnames is not None or reader is not None
+    warning = manifest.check_class_count(len(classnames), source, given=given, allow_unused=config.allow_unused_classes)
+    if warning:
+        log.warning("warning: %s", warning)
     return manifest, reader, split, classnames, templates
 
 

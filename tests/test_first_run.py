@@ -69,29 +69,31 @@ def test_shard_names_the_classes_and_every_stage_uses_them(own_images):
     assert "was built for another class list than" in result.output and "other.txt" in result.output
 
 
-def test_a_class_list_longer_than_the_labels_is_refused_unless_allowed(tmp_path):
+def test_a_default_class_list_longer_than_the_labels_is_refused_unless_allowed(tmp_path, caplog):
     write_shards(tmp_path / "d", num_shards=2, per_shard=8, num_classes=3)  # labels 0..2, no classes.txt
     cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m.json")
     assert load_manifest(tmp_path / "m.json").label_range() == 3
     _, templates = write_lists(tmp_path)
-    base = ["cache-teacher", "--manifest", tmp_path / "m.json", *TINY_TEACHER, "--templates", templates, "--workers", "0"]
+    base = ["cache-teacher", *TINY_TEACHER, "--templates", templates, "--workers", "0"]
     # the old trap: no --classnames silently meant ImageNet's 1000 classes for 3-class labels
-    result = cli(*base, "--out", tmp_path / "a.zarr", expect_exit=1)
-    assert "ImageNet's 1000 class names, the default" in result.output and "has 1000 names but the labels run 0..2 (3 classes)" in result.output
+    result = cli(*base, "--manifest", tmp_path / "m.json", "--out", tmp_path / "a.zarr", expect_exit=1)
+    assert "the class list (ImageNet's 1000 class names, the default) has 1000 names but the labels run 0..2 " \
+           "(3 classes)" in result.output and "--allow-unused-classes" in result.output
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "a.zarr.lock").exists()
+    # a file the user names is their choice: built, with a warning that gives the numbers
     five, _ = write_lists(tmp_path / "five")  # 5 names for 3 classes
-    result = cli(*base, "--out", tmp_path / "b.zarr", "--classnames", five, expect_exit=1)
-    assert f"({five}) has 5 names but the labels run 0..2" in result.output and "--allow-unused-classes" in result.output
-    assert not (tmp_path / "b.zarr").exists()
-    cli(*base, "--out", tmp_path / "b.zarr", "--classnames", five, "--allow-unused-classes")
-    assert json.loads(cli("cache", "info", tmp_path / "b.zarr", "--json").stdout)["num_classes"] == 5
-    # train sees the same mismatch in the cache it is given
-    cli("split", "--manifest", tmp_path / "m.json", "--percent", "25", "--out", tmp_path / "s.json")
-    train = ["train", "--cache", tmp_path / "b.zarr", "--manifest", tmp_path / "m.json", "--split", tmp_path / "s.json",
-             "--student", "dho-tiny-student", "--pretrained", "none", "--epochs", "1", "--batch-size", "2",
-             "--workers", "0", "--max-steps", "1"]
-    result = cli(*train, "--out", tmp_path / "r1", expect_exit=1)
-    assert "has 5 names but the labels run 0..2" in result.output
-    cli(*train, "--out", tmp_path / "r2", "--allow-unused-classes")
+    with caplog.at_level("WARNING", logger="dho_pipeline"):
+        cli(*base, "--manifest", tmp_path / "m.json", "--out", tmp_path / "b.zarr", "--classnames", five)
+    assert f"the class list ({five}) has 5 names but the labels run 0..2 (3 classes): classes 3..4 have no " \
+           "labeled sample" in caplog.text
+    # the same 5 names beside the shards: the manifest's list is a default again, refused unless allowed
+    (tmp_path / "d" / "classes.txt").write_text(five.read_text())
+    cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m5.json")
+    assert len(load_manifest(tmp_path / "m5.json").classnames) == 5
+    result = cli(*base, "--manifest", tmp_path / "m5.json", "--out", tmp_path / "c.zarr", expect_exit=1)
+    assert "the class list (the manifest's class names) has 5 names but the labels run 0..2" in result.output
+    cli(*base, "--manifest", tmp_path / "m5.json", "--out", tmp_path / "c.zarr", "--allow-unused-classes")
+    assert json.loads(cli("cache", "info", tmp_path / "c.zarr", "--json").stdout)["num_classes"] == 5
 
 
 def test_split_warns_and_refuses_with_the_numbers(tmp_path, caplog):
