@@ -128,8 +128,8 @@ class _Runner:
 
         def run_one():
             started = time.perf_counter()
-            process = subprocess.Popen([sys.executable, "-m", "dho_pipeline.stages.cli", *words], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=_die_with_parent)
+            process = subprocess.Popen([sys.executable, "-c", _CHILD, *words], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, env=environment)
             self._processes.append(process)
             stdout, stderr = process.communicate()
             return started, time.perf_counter() - started, process.returncode, stdout, stderr
@@ -168,7 +168,12 @@ class _Runner:
         self.commands.sort(key=lambda c: c["started_at"])
 
 
-def _die_with_parent() -> None:
+# A started command's process: `dho-pipeline ARGS...`, which stops when the demo's process dies.
+_CHILD = ("import sys; from dho_pipeline.stages.demo import die_with_parent; die_with_parent(); "
+          "from dho_pipeline.stages.cli import main; main(args=sys.argv[1:], prog_name='dho-pipeline')")
+
+
+def die_with_parent() -> None:
     """In a started command's process: stop when the demo's process dies (Linux), not run on orphaned."""
     import ctypes
     import signal
