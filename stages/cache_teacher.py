@@ -41,7 +41,7 @@ class Config:
     classnames: Path | None = setting(None, default_text="the manifest's (classes.txt beside its shards), else ImageNet's 1000",
                                       help="Class names, one per line, in label order.")
     allow_unused_classes: bool = setting(False, help="Accept a default class list (the manifest's, ImageNet's) longer "
-                                         "than the labels imply (a --classnames file that is only warns).")
+                                         "than the labels imply (a --classnames file you name gets a warning only).")
     templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
                               help="Prompt templates, one per line, with {} where the class name goes.")
     views: int = setting(1, help="Views per image; view 0 is the teacher's own evaluation view.")

@@ -66,7 +66,7 @@ class Config:
         None, default_text="the manifest's (classes.txt beside its shards), else with a cache the cache's, online ImageNet's",
         help="With a cache: refuse unless it was built for these class names. Online: the classes.")
     allow_unused_classes: bool = setting(False, help="Online: accept a default class list (the manifest's, "
-                                         "ImageNet's) longer than the labels imply (a file named, or a cache's list, only warns).")
+                                         "ImageNet's) longer than the labels imply (a file you name, or a cache's list, gets a warning only).")
     templates: Path | None = setting(None, default_text="the paper's 7 ImageNet templates",
                                      help="Online teacher: prompt templates, one per line with {}.")
     teacher_online: bool = setting(False, help="Run the teacher on each view in the loop (the reference's way), no cache.")
