@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import time
 
 import numpy as np

@@ -479,11 +479,13 @@ def exclusive_writer(cache_path: str | Path) -> Iterator[None]:
     """Hold `<cache>.lock` for the duration; a second writer gets a clear refusal, not a race.
 
     The kernel drops the lock when the process dies, and a data worker never holds it
-    (processes.exclusive_lock), so a killed run never leaves a stale lock.
+    (processes.exclusive_lock), so a killed run never leaves a stale lock. A start that fails before
+    creating the cache (a teacher that cannot load, ...) removes the lock file, so it leaves nothing.
     """
     from .processes import exclusive_lock
 
     lock_path = Path(str(cache_path).rstrip("/") + ".lock")
     with exclusive_lock(lock_path, lambda holder: f"cache {cache_path} is being written by {holder}; wait for it "
-                        "to finish (or stop it), then rerun to resume"):
+                        "to finish (or stop it), then rerun to resume",
+                        remove_after=lambda: not Path(cache_path).exists()):
         yield

@@ -3,7 +3,8 @@
 - `model`: an open_clip model name (`ViT-H-14-378-quickgelu`), the path of an open_clip model-config
   JSON file (registered under its file stem), or `local-dir:`/`hf-hub:` as open_clip understands them.
   The tiny configs in `dho_pipeline/model_configs/` are always registered.
-- `pretrained`: an open_clip tag (`dfn5b`, `openai`), a local weights file, or `none` (random init,
+- `pretrained`: an open_clip tag (`dfn5b`, `openai`), a local weights file (the demo's compact files
+  `dho_pipeline/demo/weights/*.safetensors` included, expanded in memory), or `none` (random init,
   seeded, for tests).
 
 Weights for a tag are taken from the local Hugging Face cache when present, else downloaded with
@@ -197,16 +198,19 @@ def load_clip(
     name = resolve_model_name(model)
     weights = None if name.startswith(("local-dir:", "hf-hub:")) else resolve_weights(name, pretrained)
     overrides = _preprocess_overrides(name, pretrained, resize)
+    compact = weights is not None and _is_compact(weights)
     # Random init must be identical in every process (ranks of one run, and reruns).
     with torch.random.fork_rng(devices=[]), _quiet_open_clip_logging():
         torch.manual_seed(seed)
         try:
             clip = open_clip.create_model(
                 name,
-                pretrained=weights,
+                pretrained=None if compact else weights,
                 force_preprocess_cfg=overrides,
                 force_image_size=image_size,
             )
+            if compact:
+                _load_compact(clip, name, weights)
         except UserError:
             raise
         except pickle.UnpicklingError:  # open_clip loads with weights_only=True: the file holds code
@@ -242,6 +246,22 @@ def load_clip(
     )
 
 
+def _is_compact(weights: str) -> bool:
+    from .demo.tiny_clip import is_compact
+
+    return is_compact(weights)
+
+
+def _load_compact(clip, name: str, weights: str) -> None:
+    """A compact weights file (the demo's shipped tiny CLIPs: dho_pipeline/demo/tiny_clip.py), expanded in memory."""
+    from .demo.tiny_clip import compact_state_dict
+
+    made_for, state = compact_state_dict(weights)
+    if made_for != name:
+        raise UserError(f"weights file {weights} holds compact weights of {made_for}, not {name}; pass --teacher/--student {made_for}")
+    clip.load_state_dict(state)
+
+
 @torch.no_grad()
 def class_text_embeddings(
     loaded: LoadedClip,
@@ -252,6 +272,7 @@ def class_text_embeddings(
     renormalize: bool = True,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    show_progress: bool = True,
 ) -> torch.Tensor:
     """Template-averaged class text embeddings, [num_classes, dim], float32.
 
@@ -260,12 +281,16 @@ def class_text_embeddings(
     DHO reference's DFN5B teacher leaves it); normalize=False is the plain template mean of the raw
     embeddings, which DHO uses to initialise the student's heads.
     """
+    from .progress import progress
     from .prompts import fill_template
 
     model = loaded.model.to(device)
     texts = [fill_template(t, c) for c in classnames for t in templates]
     embeddings = []
-    for start in range(0, len(texts), batch_size):
+    # 1000 classes x 7 templates take minutes on a CPU: show it
+    starts = progress(range(0, len(texts), batch_size), desc=f"class embeddings ({len(classnames)} x {len(templates)})",
+                      unit="batch", leave=False, show=show_progress)
+    for start in starts:
         tokens = loaded.tokenizer(texts[start : start + batch_size]).to(device)
         embeddings.append(model.encode_text(tokens).float())
     per_text = torch.cat(embeddings).view(len(classnames), len(templates), -1)

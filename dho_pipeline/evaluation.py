@@ -21,11 +21,15 @@ PAPER_ALPHA_BETA = (0.5, 0.5)
 
 
 @torch.no_grad()
-def collect_logits(model, batches, normalize, autocast) -> dict[str, torch.Tensor]:
-    """Run the model over batches ({"pixels", "labels", "ids"}); CE/KD logits on the CPU in fp32."""
+def collect_logits(model, batches, normalize, autocast, progress: str | None = None) -> dict[str, torch.Tensor]:
+    """Run the model over batches ({"pixels", "labels", "ids"}); CE/KD logits on the CPU in fp32.
+    `progress`: a progress bar's label (none if None)."""
+    from .progress import progress as bar
+
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"ce": [], "kd": [], "labels": [], "ids": []}
-    for batch in batches:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in bar(batches, desc=progress, total=total, unit="batch", leave=False, show=progress is not None):
         with autocast():
             ce_logits, kd_logits = model(normalize(batch["pixels"]))
         parts["ce"].append(ce_logits.float().cpu())
@@ -99,27 +103,47 @@ def finish_statistics(stats: torch.Tensor, num_classes: int) -> dict:
 
 def grid_correct(logits: dict[str, torch.Tensor], alphas: list[float], betas: list[float]) -> torch.Tensor:
     """Correct top-1 counts of the mix for every (alpha, beta): float64 [len(alphas), len(betas)]."""
+    return grid_scores(logits, alphas, betas)[0]
+
+
+def grid_scores(logits: dict[str, torch.Tensor], alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct top-1 counts and NLL sums of the mix for every (alpha, beta): two float64
+    [len(alphas), len(betas)] tensors (sums, so slices of the data add up)."""
     labels = logits["labels"].long()
     counts = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
+    nll = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
     if not len(labels):
-        return counts
-    p_ce = F.softmax(logits["ce"], dim=-1)
+        return counts, nll
+    p_ce = F.softmax(logits["ce"].float(), dim=-1)
     for j, beta in enumerate(betas):
-        p_kd = F.softmax(logits["kd"] / beta, dim=-1)
+        p_kd = F.softmax(logits["kd"].float() / beta, dim=-1)
         for i, alpha in enumerate(alphas):
-            counts[i, j] = ((alpha * p_ce + (1 - alpha) * p_kd).argmax(-1) == labels).sum()
-    return counts
+            mix = alpha * p_ce + (1 - alpha) * p_kd
+            counts[i, j] = (mix.argmax(-1) == labels).sum()
+            nll[i, j] = -torch.log(mix.gather(-1, labels.unsqueeze(-1)).clamp_min(1e-12)).double().sum()
+    return counts, nll
 
 
-def best_point(counts: torch.Tensor, alphas: list[float], betas: list[float]) -> tuple[float, float, float]:
-    """The (alpha, beta) with the most correct; ties go to the point nearest the paper's (0.5, 0.5)."""
+def best_point(counts: torch.Tensor, alphas: list[float], betas: list[float],
+               nll: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """The (alpha, beta) with the most correct. On a small held-out set many points tie on accuracy;
+    given `nll` (the grid's NLL sums) ties go to the lowest held-out NLL, and what still ties to the
+    point nearest the paper's (0.5, 0.5)."""
     best = counts.max().item()
-    candidates = [
-        (alphas[i], betas[j]) for i in range(len(alphas)) for j in range(len(betas)) if counts[i, j].item() == best
-    ]
+    tied = [(i, j) for i in range(len(alphas)) for j in range(len(betas)) if counts[i, j].item() == best]
+    if nll is not None:
+        lowest = min(nll[i, j].item() for i, j in tied)
+        # equal up to float rounding (alpha = 1 ignores beta: those points are the same mix)
+        tied = [(i, j) for i, j in tied if nll[i, j].item() <= lowest + 1e-9 * max(1.0, abs(lowest))]
     a0, b0 = PAPER_ALPHA_BETA
-    alpha, beta = min(candidates, key=lambda p: (abs(p[0] - a0) + abs(math.log(p[1] / b0)), p))
+    alpha, beta = min(((alphas[i], betas[j]) for i, j in tied),
+                      key=lambda p: (abs(p[0] - a0) + abs(math.log(p[1] / b0)), p))
     return alpha, beta, best
+
+
+def tied_at_best(counts: torch.Tensor) -> int:
+    """How many grid points share the best accuracy (1: the accuracy alone chose the point)."""
+    return int((counts == counts.max()).sum().item())
 
 
 def refinement_grid(alpha: float, beta: float) -> tuple[list[float], list[float]]:
@@ -130,8 +154,8 @@ def refinement_grid(alpha: float, beta: float) -> tuple[list[float], list[float]
 
 
 def logits_on_samples(model, table, sample_ids, image_size, normalize, *, rank: int, world: int, batch_size: int,
-                      workers: int, autocast, eval_view: str = "center-square", crop: float = 1.0
-                      ) -> dict[str, torch.Tensor]:
+                      workers: int, autocast, eval_view: str = "center-square", crop: float = 1.0,
+                      progress: str | None = None) -> dict[str, torch.Tensor]:
     """CE/KD logits of a dual-head model on this process's share of `sample_ids` (rows of a
     student_data.SampleTable): process r takes ids r, r + world, ... Each image shows the student's
     evaluation view: `eval_view` "center-square" (the centred square, `crop` of the shorter side, one
@@ -143,11 +167,12 @@ def logits_on_samples(model, table, sample_ids, image_size, normalize, *, rank: 
     dataset = StudentBatches(table, stream, image_size, num_batches=stream.num_batches, eval_view=eval_view,
                              eval_crop=crop)
     loader = StudentLoader(dataset, min(workers, stream.num_batches))
-    return collect_logits(model, loader, normalize, autocast)
+    return collect_logits(model, loader, normalize, autocast, progress)
 
 
 def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, batch_size: int, workers: int,
-                      device, autocast, eval_view: str = "center-square") -> dict[str, torch.Tensor]:
+                      device, autocast, eval_view: str = "center-square", progress: str | None = None
+                      ) -> dict[str, torch.Tensor]:
     """`logits_on_samples` for a loaded student (student_checkpoint.LoadedStudent) on a manifest."""
     from .pixels import Normalizer
     from .student_data import SampleTable
@@ -156,7 +181,7 @@ def student_logits_on(loaded, manifest, sample_ids, *, rank: int, world: int, ba
     return logits_on_samples(loaded.model.to(device), SampleTable.from_manifest(manifest), sample_ids,
                              loaded.preprocess.image_size, normalize, rank=rank, world=world, batch_size=batch_size,
                              workers=workers, autocast=autocast, eval_view=eval_view,
-                             crop=loaded.preprocess.crop_fraction)
+                             crop=loaded.preprocess.crop_fraction, progress=progress)
 
 
 def epoch_evaluator(eval_data, student, normalize, preprocess, classnames, *, rank: int, world: int, batch_size: int,

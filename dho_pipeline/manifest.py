@@ -9,6 +9,7 @@ Format (version 1), one object:
     {"format": "dho-pipeline-manifest", "version": 1,
      "fingerprint": "sha256:...",          # of everything below except the paths
      "num_shards": S, "num_samples": N,
+     "classnames": ["golden retriever", ...],  # only when the shards come with class names (see below)
      "shards": [{"name": "shard-000000.tar",  # basename, unique within the manifest
                  "path": "shards/shard-000000.tar",  # relative to the manifest's folder, or absolute
                  "num_samples": n, "size": bytes, "fingerprint": "sha256:...",
@@ -34,6 +35,10 @@ it and are checked by size alone).
 Before any stage reads a shard, `check_files` checks each file is still the one scanned: "quick" (the
 default; size and the sampled fingerprint, at most 64 KiB read per shard) or "full" (the sha256 of
 every byte). Stage one also hashes every shard whole as it reads it.
+
+Class names: when a `classes.txt` (or `classnames.txt`) lies beside the shards (`dho-pipeline shard`
+writes one: line i names class i), the manifest records its names, and `cache-teacher` and `train` use
+them when given no `--classnames`. Several shard folders must agree; labels must lie within the list.
 """
 
 from __future__ import annotations
@@ -92,11 +97,15 @@ class ShardEntry:
         return content
 
 
+CLASS_NAME_FILES = ("classes.txt", "classnames.txt")  # beside the shards; the first found is used
+
+
 @dataclass(frozen=True)
 class Manifest:
     shards: list[ShardEntry]
     fingerprint: str
     source: Path | None = field(default=None, compare=False)  # the file it was loaded from, if any
+    classnames: list[str] | None = None  # from the shards' folder (classes.txt), if there was one
 
     @property
     def num_samples(self) -> int:
@@ -135,6 +144,27 @@ class Manifest:
                         f"shard {shard.name}, key {key!r}: label {label} is outside the class list "
                         f"(0..{num_classes - 1}); check the class-names file or the shard's labels"
                     )
+
+    def check_class_count(self, num_classes: int, source: str, *, given: bool, allow_unused: bool = False) -> str | None:
+        """Labels inside the class list; a list longer than the labels imply (ImageNet's 1000 names for a
+        5-class data set make a 1000-way teacher) is refused when it was not `given` (a default) unless
+        `allow_unused`, and is a warning (returned) when the user named the file."""
+        self.check_labels(num_classes)
+        implied = self.label_range()
+        if implied is None or num_classes <= implied or allow_unused:
+            return None
+        numbers = f"the class list ({source}) has {num_classes} names but the labels run 0..{implied - 1} ({implied} classes)"
+        if given:
+            return f"{numbers}: classes {implied}..{num_classes - 1} have no labeled sample; is it the right file?"
+        raise UserError(
+            f"{numbers}; pass the data set's own class names (--classnames FILE; `dho-pipeline shard` writes "
+            "classes.txt beside the shards), or --allow-unused-classes if no sample is labeled with the last ones"
+        )
+
+    def label_range(self) -> int | None:
+        """1 + the largest label (None when no sample is labeled): how many classes the labels imply."""
+        largest = max((label for shard in self.shards for label in (shard.labels or []) if label is not None), default=None)
+        return None if largest is None else largest + 1
 
 
 def changed_message(name: str, path, problem: str, manifest_path=None) -> str:
@@ -186,8 +216,7 @@ def scan_manifest(patterns: list[str], workers: int = 4, progress: bool = True) 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
-
+    from .progress import progress as bar
     from .shards import expand_shard_patterns, scan_shard
 
     paths = expand_shard_patterns(list(patterns))
@@ -199,8 +228,36 @@ def scan_manifest(patterns: list[str], workers: int = 4, progress: bool = True) 
         state = "is a directory, not a tar file" if absent[0].is_dir() else "does not exist"
         raise UserError(f"shard {absent[0]} {state}{more}")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        scans = list(tqdm(pool.map(scan_shard, paths), total=len(paths), unit="shard", desc="manifest", disable=not progress))
-    return build_manifest([entry_from_scan(path, scan) for path, scan in zip(paths, scans)])
+        scans = list(bar(pool.map(scan_shard, paths), total=len(paths), unit="shard", desc="manifest", show=progress))
+    entries = [entry_from_scan(path, scan) for path, scan in zip(paths, scans)]
+    classnames, source = classnames_beside(paths)
+    manifest = build_manifest(entries, classnames)
+    if classnames is not None:
+        try:
+            manifest.check_labels(len(classnames))
+        except UserError as error:
+            raise UserError(f"{source} does not fit the shards: {error}") from None
+    return manifest
+
+
+def classnames_beside(paths: list[Path]) -> tuple[list[str] | None, Path | None]:
+    """The class names in a classes.txt (or classnames.txt) in the shards' folder(s), and that file.
+    Folders that hold one must agree; none at all: (None, None)."""
+    from .prompts import read_classnames
+
+    found: dict[Path, list[str]] = {}
+    for folder in dict.fromkeys(p.parent for p in paths):
+        for name in CLASS_NAME_FILES:
+            if (folder / name).is_file():
+                found[folder / name] = read_classnames(folder / name)
+                break
+    if not found:
+        return None, None
+    (first, names), *others = found.items()
+    for other, other_names in others:
+        if other_names != names:
+            raise UserError(f"the shards' class-name files {first} and {other} differ; keep one list for the data set")
+    return names, first
 
 
 def manifest_for_data(data: list[str], workers: int = 4) -> Manifest:
@@ -241,7 +298,7 @@ def relocate_manifest(manifest: Manifest, paths: list[Path]) -> Manifest:
     if extra:
         raise UserError(f"--relocate: {by_name[extra[0]]} is not a shard of {manifest.source}; list only its shards")
     moved = [dataclasses.replace(shard, path=by_name[shard.name]) for shard in manifest.shards]
-    relocated = Manifest(shards=moved, fingerprint=manifest.fingerprint, source=manifest.source)
+    relocated = dataclasses.replace(manifest, shards=moved)
     for shard in moved:
         problem = shard_change(shard)
         if problem:
@@ -249,7 +306,7 @@ def relocate_manifest(manifest: Manifest, paths: list[Path]) -> Manifest:
     return relocated
 
 
-def build_manifest(entries: list[ShardEntry]) -> Manifest:
+def build_manifest(entries: list[ShardEntry], classnames: list[str] | None = None) -> Manifest:
     names: dict[str, Path] = {}
     for entry in entries:
         if entry.name in names:
@@ -258,11 +315,13 @@ def build_manifest(entries: list[ShardEntry]) -> Manifest:
                 "shard names must be unique within a manifest"
             )
         names[entry.name] = entry.path
-    return Manifest(shards=entries, fingerprint=_fingerprint(entries))
+    return Manifest(shards=entries, fingerprint=_fingerprint(entries, classnames), classnames=classnames)
 
 
-def _fingerprint(entries: list[ShardEntry]) -> str:
-    return fingerprint_json([entry.content() for entry in entries])
+def _fingerprint(entries: list[ShardEntry], classnames: list[str] | None = None) -> str:
+    content = [entry.content() for entry in entries]
+    # Without class names the fingerprint is what it always was (older manifests stay valid).
+    return fingerprint_json(content if classnames is None else {"shards": content, "classnames": classnames})
 
 
 def _stored_path(shard_path: Path, manifest_dir: Path) -> str:
@@ -288,7 +347,8 @@ def save_manifest(manifest: Manifest, path: Path) -> None:
                    ensure_ascii=False)
         for entry in manifest.shards
     ]
-    write_text_atomically(path, json.dumps(header, indent=1)[:-2] + ',\n "shards": [\n' + ",\n".join(lines) + "\n]}\n")
+    names = "" if manifest.classnames is None else f',\n "classnames": {json.dumps(manifest.classnames, ensure_ascii=False)}'
+    write_text_atomically(path, json.dumps(header, indent=1)[:-2] + names + ',\n "shards": [\n' + ",\n".join(lines) + "\n]}\n")
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -303,7 +363,11 @@ def load_manifest(path: str | Path) -> Manifest:
     if not isinstance(shards, list) or not shards:
         raise UserError(f"manifest {path} lists no shards")
     entries = [_parse_entry(path, index, raw) for index, raw in enumerate(shards)]
-    manifest = build_manifest(entries)
+    classnames = document.get("classnames")
+    if classnames is not None and not (isinstance(classnames, list) and classnames
+                                       and all(isinstance(n, str) and n.strip() for n in classnames)):
+        raise UserError(f"manifest {path}: 'classnames' must be a list of non-empty strings; rebuild the manifest")
+    manifest = build_manifest(entries, classnames)
     if manifest.fingerprint != document.get("fingerprint"):
         raise UserError(
             f"manifest {path} was edited after it was built (its content no longer matches its "

@@ -66,21 +66,32 @@ def _holder(handle) -> str:
 
 
 @contextmanager
-def exclusive_lock(path: str | Path, refusal: Callable[[str], str]) -> Iterator[None]:
-    """Hold an exclusive lock on the file `path` for the duration (the file is created if needed and
-    left behind: its content, "pid N on HOST since ...", only names the last holder).
+def exclusive_lock(path: str | Path, refusal: Callable[[str], str],
+                   remove_after: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` for the duration (the file is created if needed; its
+    content, "pid N on HOST since ...", only names the last holder).
 
-    A second taker gets UserError(refusal(holder)) at once, `holder` naming pid and host."""
+    A second taker gets UserError(refusal(holder)) at once, `holder` naming pid and host. The file is
+    left behind, unless `remove_after()` is true at the end (a start that failed before writing
+    anything): it is then removed while still held, and a taker that opened it just before notices,
+    once it holds the lock, that the file is no longer the one at the path and starts over, so the
+    removal never lets two holders in."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
 
-    handle = open(path, "a+")
-    try:
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(refusal(_holder(handle))) from None
+            holder = _holder(handle)
+            handle.close()
+            raise UserError(refusal(holder)) from None
+        if _same_file(handle, path):
+            break
+        handle.close()  # removed by its last holder after we opened it: take the new one
+    try:
         _held_locks.add(handle.fileno())
         handle.seek(0)
         handle.truncate()
@@ -88,8 +99,17 @@ def exclusive_lock(path: str | Path, refusal: Callable[[str], str]) -> Iterator[
         handle.flush()
         yield
     finally:
+        if remove_after is not None and remove_after():
+            path.unlink(missing_ok=True)
         _held_locks.discard(handle.fileno())
         handle.close()
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 # ---- data workers ----------------------------------------------------------------------------------

@@ -92,6 +92,8 @@ def numbered_classes(folders: list[str]) -> list[str] | None:
     if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in folders):
         return None  # zero-padded numbers sort as strings already
     return [str(label) for label in range(max(int(name) for name in folders) + 1)]
+
+
 def _source_name(root: Path, path: Path) -> str | None:
     """The file name relative to the tree; None when it is not one line of UTF-8 text (a list names an image
     per line, and the tar member holds UTF-8)."""
@@ -101,6 +103,35 @@ def _source_name(root: Path, path: Path) -> str | None:
     except UnicodeEncodeError:
         return None
     return None if "\n" in name or "\r" in name else name
+
+
+def class_names_of_folders(folders: list[str]) -> list[str]:
+    """Class names for CLIP prompts from class folder names: underscores as spaces; ImageNet's WordNet
+    ids (n01440764, ...) as CLIP's ImageNet class names."""
+    from .package_data import IMAGENET_CLASSNAMES, IMAGENET_WNIDS
+    from .prompts import read_lines
+
+    wnids = read_lines(IMAGENET_WNIDS, "WordNet-id")
+    if set(folders) <= set(wnids):
+        names = dict(zip(wnids, read_lines(IMAGENET_CLASSNAMES, "class-names")))
+        return [names[folder] for folder in folders]
+    return [" ".join(folder.replace("_", " ").split()) or folder for folder in folders]
+
+
+def write_class_names(folders: list[str], where: Path) -> tuple[Path | None, str | None]:
+    """`where/classes.txt` (line i: class i's name, see class_names_of_folders), or why it was not written:
+    a name a class-names file cannot hold (it would be read back as a comment, a blank or two lines)."""
+    import unicodedata
+
+    from .jsonfiles import write_text_atomically
+
+    names = class_names_of_folders(folders)
+    for folder, name in zip(folders, names):
+        if not name.strip() or name.lstrip().startswith("#") or any(unicodedata.category(c) == "Cc" for c in name):
+            return None, f"class folder {folder!r} cannot be written as a line of a class-names file"
+    path = where / "classes.txt"
+    write_text_atomically(path, "\n".join(names) + "\n")
+    return path, None
 
 
 def shuffled(samples: list[SampleSource], seed: int) -> list[SampleSource]:

@@ -180,7 +180,40 @@ def draw_split(manifest: Manifest, *, percent: float, seed: int, holdout_per_cla
             rng.choice(ids, size=min(holdout_per_class, len(ids)), replace=False)
             for ids in (np.flatnonzero((labels == c) & ~taken) for c in classes)
         ])
+        if len(holdout_ids) == 0:
+            raise UserError(
+                f"--holdout {holdout_per_class} asked, but the labeled draw took all {len(labeled_ids)} of the "
+                f"{len(labels)} images, leaving none to hold out; lower --percent (or shorten --from-list) so that "
+                f"{holdout_per_class} per class remain"
+            )
     return _make(manifest, method, labeled_ids, holdout_ids)
+
+
+def split_warnings(split: Split, manifest: Manifest) -> list[str]:
+    """What a user should know about a split, with the numbers: held-out images short of --holdout, and
+    no unlabeled images left (DHO and KD train on unlabeled images)."""
+    labels = all_labels(manifest)
+    held = np.concatenate(split.holdout_mask(manifest))
+    classes = np.unique(labels)
+    asked = split.method.get("holdout_per_class") or 0
+    warnings = []
+    if asked:
+        counts = np.array([int(held[labels == c].sum()) for c in classes])
+        short = np.flatnonzero(counts < asked)
+        if len(short):
+            c = short[0]
+            warnings.append(
+                f"--holdout {asked}: {len(short)} of {len(classes)} classes had fewer than {asked} images left after "
+                f"the labeled draw, so {int(counts.sum())} images are held out instead of {asked * len(classes)} "
+                f"(class {int(classes[c])}: {int(counts[c])} of {int((labels == classes[c]).sum())} images held out)"
+            )
+    if split.num_unlabeled == 0:
+        warnings.append(
+            f"the split leaves no unlabeled images ({split.num_labeled} labeled + {split.num_holdout} held out = all "
+            f"{split.num_samples}); DHO and KD train on unlabeled images, so only `train --objective ce` can use it: "
+            "lower --percent or --holdout to leave some unlabeled"
+        )
+    return warnings
 
 
 def draw_few_shot(manifest: Manifest, *, shots: int, seed: int, holdout_per_class: int = 0) -> Split:

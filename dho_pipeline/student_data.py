@@ -476,6 +476,11 @@ class StudentLoader:
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                                   worker_init_fn=worker_init_fn() if workers else None, **options)
 
+    def __len__(self) -> int:  # a progress bar's total (evaluation passes know their batch count)
+        if self.loader.dataset.num_batches is None:
+            raise TypeError("an endless stream of batches has no length")
+        return self.loader.dataset.num_batches - self.loader.dataset.first_batch
+
     def __iter__(self):
         for batch in self.loader:
             if "error" in batch:

@@ -23,7 +23,7 @@ from dho_pipeline.errors import Stopped, UserError
 
 from dho_pipeline.cache_store import CLASS_EMBEDDINGS, COMPRESSIONS, DEFAULT_COMPRESSION
 from dho_pipeline.hashing import FILE_CHECKS
-from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+from dho_pipeline.package_data import IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
 from .common import PRECISIONS, append_jsonl, log, on_main_then_share
@@ -39,8 +39,10 @@ class Config:
     out: Path = setting(help="Teacher cache to write (a .zarr directory).")
     teacher: str = setting(DEFAULT_TEACHER, help="open_clip model name, or an open_clip model-config JSON file.")
     pretrained: str = setting(DEFAULT_PRETRAINED, help="open_clip tag, local weights file, or 'none' (random, for tests).")
-    classnames: Path = setting(IMAGENET_CLASSNAMES, default_text="ImageNet's 1000 CLIP class names",
-                               help="Class names, one per line, in label order.")
+    classnames: Path | None = setting(None, default_text="the manifest's (classes.txt beside its shards), else ImageNet's 1000",
+                                      help="Class names, one per line, in label order.")
+    allow_unused_classes: bool = setting(False, help="Accept a default class list (the manifest's, ImageNet's) longer "
+                                         "than the labels imply (a --classnames file you name gets a warning only).")
     templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
                               help="Prompt templates, one per line, with {} where the class name goes; or a "
                               "set that ships (imagenet, oxford_pets, eurosat, ...).")
@@ -105,17 +107,20 @@ def run(config: Config) -> dict:
     from dho_pipeline.cache_store import CacheSpec, TeacherCache, exclusive_writer
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.teacher import LOGIT_SCALE, load_zero_shot_teacher
-    from dho_pipeline.prompts import read_classnames, read_templates
+    from dho_pipeline.prompts import read_templates
     from dho_pipeline.views import RESIZE_TO_VIEW0, ViewPolicy
 
-    from .common import precision_dtype, process_state, resolve_compile, resolve_device, resolve_precision
+    from .common import class_list, precision_dtype, process_state, resolve_compile, resolve_device, resolve_precision
 
     # ---- inputs, all checked before the teacher is loaded ----------------------------------------
     manifest = load_manifest(config.manifest)
     manifest.check_files(config.verify_shards)
-    classnames = read_classnames(config.classnames)
+    classnames, source = class_list(config.classnames, manifest)
     templates = read_templates(config.templates)
-    manifest.check_labels(len(classnames))
+    warning = manifest.check_class_count(len(classnames), source, given=config.classnames is not None,
+                                         allow_unused=config.allow_unused_classes)
+    if warning:
+        log.warning("warning: %s", warning)
     # k >= the number of classes simply keeps every logit.
     k = len(classnames) if config.topk is None else min(config.topk, len(classnames))
 
@@ -250,11 +255,10 @@ def _views_per_batch(config: Config) -> int:
 def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy, preprocess):
     """The loop: batches of views in, teacher logits out, whole shards handed to the writer."""
     import torch
-    from tqdm import tqdm
-
     from dho_pipeline.cache_store import ShardData, index_dtype
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.processes import StopSignals, worker_init_fn
+    from dho_pipeline.progress import progress as progress_bar
     from dho_pipeline.teacher import summarize_logits
     from dho_pipeline.teacher_data import ShardTask, ViewBatches
 
@@ -284,9 +288,9 @@ def _cache_shards(config, state, device, teacher, cache, manifest, todo, policy,
     in_progress: dict[int, _ShardProgress] = {}
     pending: list[Future] = []
     total_images = sum(len(t.keys) for t in tasks)
-    bar = tqdm(
+    bar = progress_bar(
         total=total_images, unit="img", desc=f"teacher (rank {state.process_index})" if state.num_processes > 1 else "teacher",
-        disable=not state.is_main_process, dynamic_ncols=True,
+        show=state.is_main_process,
     )
 
     def write(index: int, progress: _ShardProgress) -> None:

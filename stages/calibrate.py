@@ -5,13 +5,15 @@
 
 p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta). The search covers the reference grid
 (alpha 0, 0.05, ..., 1 x beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4}), then a finer grid around the best
-point; ties go to the point nearest the paper's alpha = beta = 0.5. Only held-out data is used: the
+point. On a few dozen held-out images many points tie on accuracy: ties go to the lowest held-out NLL,
+and what still ties to the point nearest the paper's alpha = beta = 0.5. Only held-out data is used: the
 split's `--holdout` images, or shards the user names. Data that overlaps the checkpoint's training
 labeled set is refused unless --allow-overlap (the reference tuned alpha/beta on the very set it
 reported as test; this tool does not).
 
-Beside the output checkpoint: `<out>.calibration.json` (the grids) and `<out>.calibration.png`
-(the coarse grid as a heatmap).
+Beside the output checkpoint: `<out>.calibration.json` (both grids' accuracy and NLL, how many points
+tied) and `<out>.calibration.png` (both grids as heatmaps: the coarse one with the fine grid's extent
+outlined, the fine one, which chose the point, with the point marked).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _few_images_warning(images: int, classes: int) -> str | None:
 
 def run(config: Config) -> dict:
     from dho_pipeline.evaluation import (
-        ALPHA_GRID, BETA_GRID, best_point, finish_statistics, grid_correct, refinement_grid, student_logits_on,
+        ALPHA_GRID, BETA_GRID, best_point, finish_statistics, grid_scores, refinement_grid, student_logits_on,
         sufficient_statistics,
     )
     from dho_pipeline.hashing import fingerprint_json
@@ -114,15 +116,15 @@ def run(config: Config) -> dict:
     logits = student_logits_on(
         loaded, manifest, ids, rank=state.process_index, world=state.num_processes, batch_size=config.batch_size,
         workers=config.workers, device=device, autocast=lambda: autocast(device, precision),
-        eval_view=config.eval_view,
+        eval_view=config.eval_view, progress="calibrate",
     )
     total = len(ids)  # each process evaluated its share; together, every id once
 
-    coarse = reduce_sum(state, grid_correct(logits, ALPHA_GRID, BETA_GRID))
-    alpha, beta, _ = best_point(coarse, ALPHA_GRID, BETA_GRID)
-    fine_alphas, fine_betas = refinement_grid(alpha, beta)
-    fine = reduce_sum(state, grid_correct(logits, fine_alphas, fine_betas))
-    alpha, beta, correct = best_point(fine, fine_alphas, fine_betas)
+    coarse, coarse_nll = (reduce_sum(state, t) for t in grid_scores(logits, ALPHA_GRID, BETA_GRID))
+    coarse_alpha, coarse_beta, _ = best_point(coarse, ALPHA_GRID, BETA_GRID, coarse_nll)
+    fine_alphas, fine_betas = refinement_grid(coarse_alpha, coarse_beta)
+    fine, fine_nll = (reduce_sum(state, t) for t in grid_scores(logits, fine_alphas, fine_betas))
+    alpha, beta, correct = best_point(fine, fine_alphas, fine_betas, fine_nll)
 
     num_classes = len(loaded.classnames)
     chosen = finish_statistics(reduce_sum(state, sufficient_statistics(logits, alpha, beta, num_classes)), num_classes)
@@ -136,8 +138,10 @@ def run(config: Config) -> dict:
         "nll": {head: chosen[head]["nll"] for head in ("ce", "kd", "mix")},
         "ece": {head: chosen[head]["ece"] for head in ("ce", "kd", "mix")},
         "paper_setting": {"alpha": 0.5, "beta": 0.5, "accuracy": paper["mix"]["top1"]},
-        "coarse_grid": {"alphas": ALPHA_GRID, "betas": BETA_GRID, "accuracy": (coarse / max(1, total)).tolist()},
-        "fine_grid": {"alphas": fine_alphas, "betas": fine_betas, "accuracy": (fine / max(1, total)).tolist()},
+        "chosen_by": "fine_grid",  # the fine grid, around the coarse grid's best point, chose (alpha, beta)
+        "tie_break": "held-out NLL, then nearest alpha = beta = 0.5",
+        "coarse_grid": _grid_report(ALPHA_GRID, BETA_GRID, coarse, coarse_nll, total, (coarse_alpha, coarse_beta)),
+        "fine_grid": _grid_report(fine_alphas, fine_betas, fine, fine_nll, total, (alpha, beta)),
     }
     if state.is_main_process:
         loaded.checkpoint.calibrated(alpha=alpha, beta=beta, acc=correct / max(1, total),
@@ -148,28 +152,54 @@ def run(config: Config) -> dict:
     return report
 
 
+def _grid_report(alphas, betas, correct, nll, total: int, best: tuple[float, float]) -> dict:
+    from dho_pipeline.evaluation import tied_at_best
+
+    return {"alphas": alphas, "betas": betas, "accuracy": (correct / max(1, total)).tolist(),
+            "nll": (nll / max(1, total)).tolist(), "best": {"alpha": best[0], "beta": best[1]},
+            "tied_at_best_accuracy": tied_at_best(correct)}
+
+
 def save_heatmap(report: dict, path: Path) -> None:
-    """The coarse alpha x beta accuracy grid, with the chosen point marked."""
+    """Both grids' top-1 as heatmaps: the coarse grid (its best point, and the fine grid's extent
+    outlined) and the fine grid, which chose the point (marked). Same colour scale for both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Rectangle
 
-    grid = report["coarse_grid"]
-    accuracy = 100 * np.array(grid["accuracy"])
-    figure, axes = plt.subplots(figsize=(6, 7))
-    image = axes.imshow(accuracy, aspect="auto", cmap="viridis", origin="lower")
-    axes.set_xticks(range(len(grid["betas"])), [f"{b:g}" for b in grid["betas"]])
-    axes.set_yticks(range(0, len(grid["alphas"]), 2), [f"{a:g}" for a in grid["alphas"][::2]])
-    axes.set_xlabel("beta (KD-head temperature)")
-    axes.set_ylabel("alpha (weight of the CE head)")
-    axes.set_title(f"top-1 on {report['samples']} held-out images\nchosen alpha={report['alpha']:g}, beta={report['beta']:g}")
-    best_row = int(np.argmin([abs(a - report["alpha"]) for a in grid["alphas"]]))
-    best_col = int(np.argmin([abs(b - report["beta"]) for b in grid["betas"]]))
-    axes.plot(best_col, best_row, marker="*", color="white", markersize=14)
-    figure.colorbar(image, ax=axes, label="top-1 (%)")
-    figure.tight_layout()
+    coarse, fine = report["coarse_grid"], report["fine_grid"]
+    values = [100 * np.array(g["accuracy"]) for g in (coarse, fine)]
+    low, high = min(v.min() for v in values), max(v.max() for v in values)
+    if high - low < 1e-9:  # a flat grid: one colour, centred on the scale
+        low, high = low - 1, high + 1
+    figure, panels = plt.subplots(1, 2, figsize=(11, 6.5), gridspec_kw={"width_ratios": [7, 10]}, layout="constrained")
+    for axes, grid, accuracy, name in zip(panels, (coarse, fine), values, ("coarse grid", "fine grid")):
+        image = axes.imshow(accuracy, aspect="auto", cmap="viridis", origin="lower", vmin=low, vmax=high)
+        axes.set_xticks(range(len(grid["betas"])), [f"{b:.3g}" for b in grid["betas"]], rotation=45)
+        step = 2 if len(grid["alphas"]) > 12 else 1
+        axes.set_yticks(range(0, len(grid["alphas"]), step), [f"{a:g}" for a in grid["alphas"][::step]])
+        axes.set_xlabel("beta (KD-head temperature)")
+        axes.set_ylabel("alpha (weight of the CE head)")
+        if "nll" in grid and min(accuracy.shape) > 1:  # where accuracy ties, the held-out NLL decides: its contours
+            contours = axes.contour(np.array(grid["nll"]), levels=6, colors="white", linewidths=0.7, alpha=0.8)
+            axes.clabel(contours, fontsize=7, fmt="%.3g")
+        row, col = grid["alphas"].index(grid["best"]["alpha"]), grid["betas"].index(grid["best"]["beta"])
+        axes.plot(col, row, marker="*", color="white", markeredgecolor="black", markersize=15)
+        axes.set_title(f"{name}: best alpha={grid['best']['alpha']:g}, beta={grid['best']['beta']:.3g}\n"
+                       f"({grid['tied_at_best_accuracy']} point(s) at its best top-1; ties by held-out NLL, "
+                       "white contours)", fontsize=9)
+    # where the fine grid lies on the coarse one
+    rows = [i for i, a in enumerate(coarse["alphas"]) if min(fine["alphas"]) <= a <= max(fine["alphas"])]
+    cols = [j for j, b in enumerate(coarse["betas"]) if min(fine["betas"]) <= b <= max(fine["betas"])]
+    if rows and cols:
+        panels[0].add_patch(Rectangle((cols[0] - 0.5, rows[0] - 0.5), len(cols), len(rows), fill=False,
+                                      edgecolor="white", linestyle="--", linewidth=1.5))
+    figure.colorbar(image, ax=panels, label="top-1 (%)")
+    figure.suptitle(f"alpha/beta chosen on {report['samples']} held-out images: alpha={report['alpha']:g}, "
+                    f"beta={report['beta']:.3g} (fine grid), top-1 {100 * report['accuracy']['mix']:.1f}%")
     temporary = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temporary, dpi=100)
     plt.close(figure)

@@ -59,12 +59,17 @@ def _is_main_rank() -> bool:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
-def main(verbose: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they are shown only on a terminal anyway).")
+def main(verbose: bool, quiet: bool) -> None:
     """dho-pipeline: distil a zero-shot CLIP teacher into small dual-head CLIP students (DHO).
 
     Stage one (cache-teacher) runs the teacher once and caches its logits per view; stage two
     (train) trains any number of students against that cache.
     """
+    from dho_pipeline.progress import set_quiet
+
+    if quiet:
+        set_quiet(True)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("dho_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
 
@@ -82,8 +87,9 @@ def manifest(**options):
     """Scan WebDataset SHARDS (paths, brace patterns, globs) into a manifest. No image decoding."""
     result = manifest_stage.run(make_config(manifest_stage.Config, given(options)))
     labeled = sum(1 for s in result.shards if s.labels is not None)
+    names = f"; {len(result.classnames)} class names (from classes.txt beside the shards)" if result.classnames else ""
     click.echo(f"wrote {options['out']}: {len(result.shards)} shards, {result.num_samples} samples, "
-               f"{labeled} shard(s) with labels")
+               f"{labeled} shard(s) with labels{names}")
 
 
 @main.command()
@@ -94,7 +100,14 @@ def shard(**options):
     skipped = f"; {result['skipped']} non-image file(s) skipped" if result["skipped"] else ""
     parts = " (" + ", ".join(f"{n} {part}" for part, n in result["parts"].items()) + ")" if "parts" in result else ""
     click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images{parts} of {result['classes']} "
-               f"classes{skipped}" + (f"; class names in {result['classnames']}" if "classnames" in result else ""))
+               f"classes{skipped}")
+    if result["classnames"]:
+        click.echo(f"wrote {result['classnames']}: the {result['classes']} class names (line i = class i; edit them "
+                   "before `manifest` if a folder name is not what the class should be called)")
+    else:
+        click.echo(f"no classes.txt written: {result['classnames_problem']}; pass --classnames to cache-teacher and "
+                   "train, or write the names yourself, one per line in label order, as classes.txt beside the shards",
+                   err=True)
 
 
 @main.command("cache-teacher")
@@ -187,6 +200,8 @@ def calibrate(**options):
             f"alpha {report['alpha']:g}, beta {report['beta']:g} on {report['samples']} held-out images: top-1 "
             f"CE {100 * acc['ce']:.2f}%, KD {100 * acc['kd']:.2f}%, mix {100 * acc['mix']:.2f}% "
             f"(alpha = beta = 0.5: {100 * report['paper_setting']['accuracy']:.2f}%)\n"
+            f"chosen on the fine grid, where {report['fine_grid']['tied_at_best_accuracy']} point(s) tied at the best "
+            f"top-1 (ties go to the lowest held-out NLL)\n"
             f"wrote {out}, {out}.calibration.json and {out}.calibration.png"
         )
 

@@ -109,6 +109,19 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def class_list(given: Path | None, manifest) -> tuple[list[str], str]:
+    """The class names a stage uses, and where they came from: the file given, else the manifest's (the
+    classes.txt beside its shards), else ImageNet's 1000 CLIP class names."""
+    from dho_pipeline.package_data import IMAGENET_CLASSNAMES
+    from dho_pipeline.prompts import read_classnames
+
+    if given is not None:
+        return read_classnames(given), str(given)
+    if manifest.classnames is not None:
+        return list(manifest.classnames), "the manifest's class names"
+    return read_classnames(IMAGENET_CLASSNAMES), "ImageNet's 1000 class names, the default"
+
+
 def reduce_sum(state, tensor):
     """Sum a tensor over all processes (a no-op alone); the result is on the CPU."""
     if state.num_processes == 1:

@@ -101,7 +101,7 @@ def evaluate_loaded(loaded, manifest, *, state, device, precision, alpha, beta, 
     logits = student_logits_on(
         loaded, manifest, np.arange(manifest.num_samples), rank=state.process_index, world=state.num_processes,
         batch_size=batch_size, workers=workers, device=device, autocast=lambda: autocast(device, precision),
-        eval_view=eval_view,
+        eval_view=eval_view, progress="evaluate",
     )
     if subset is not None:
         logits = subset.restrict(logits)

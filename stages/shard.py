@@ -9,6 +9,11 @@ input. Class indices follow the class-list file (folder names, one per line, in 
 sorted folder names (for ImageNet the same order: manifests/imagenet_wnids.txt lists it); folders named
 by numbers (ImageNet-V2's 0..999) are labeled by their number.
 
+Beside the shards it writes `classes.txt`: line i names class i, the folder name with underscores as
+spaces (`golden_retriever` -> `golden retriever`; ImageNet's WordNet-id folders get CLIP's ImageNet
+class names). `manifest` records those names, and `cache-teacher` and `train` use them by default.
+Numbered folders get none: their names are the original data set's (ImageNet's, the default).
+
 With `--coop-split` (dho_pipeline.coop), FOLDER is the folder the split's image paths are relative to;
 the train, val and test lists become shards at `--out` with `{split}` replaced by the part's name, and
 the class names (the split's, in label order, underscores as spaces) go to `classnames.txt` beside the
@@ -39,7 +44,10 @@ class Config:
 
 
 def run(config: Config) -> dict:
-    from dho_pipeline.shard_writer import check_pattern, claim_shard_folder, folder_samples, shuffled, write_shards
+    from dho_pipeline.progress import progress
+    from dho_pipeline.shard_writer import (
+        check_pattern, claim_shard_folder, folder_samples, numbered_classes, shuffled, write_class_names, write_shards,
+    )
     from dho_pipeline.prompts import read_lines
 
     check_pattern(config.out)
@@ -48,8 +56,15 @@ def run(config: Config) -> dict:
     class_list = read_lines(_class_list_file(config.classes), "class-list") if config.classes else None
     samples, classes, skipped = folder_samples(Path(config.folder), class_list)
     claim_shard_folder(config.out, config.overwrite)
-    paths = write_shards(shuffled(samples, config.seed), config.out, maxcount=config.maxcount, maxsize=config.maxsize)
-    return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped}
+    ordered = progress(shuffled(samples, config.seed), total=len(samples), unit="img", desc="shard")
+    paths = write_shards(ordered, config.out, maxcount=config.maxcount, maxsize=config.maxsize)
+    if class_list is None and numbered_classes(classes):
+        names_file, problem = None, ("the class folders are numbers, labels of the original data set (ImageNet-V2's "
+                                     "0..999 are ImageNet's classes, the default class names)")
+    else:
+        names_file, problem = write_class_names(classes, Path(config.out % 0).parent)
+    return {"shards": [str(p) for p in paths], "samples": len(samples), "classes": len(classes), "skipped": skipped,
+            "classnames": str(names_file) if names_file else None, "classnames_problem": problem}
 
 
 def _class_list_file(classes: Path) -> Path:

@@ -43,7 +43,9 @@ class Config:
 def run(config: Config):
     from dho_pipeline.manifest import load_manifest
     from dho_pipeline.prompts import read_lines
-    from dho_pipeline.split import draw_split, labeled_names, save_split, write_names
+    from dho_pipeline.split import draw_split, labeled_names, save_split, split_warnings, write_names
+
+    from .common import log
 
     manifest = load_manifest(config.manifest)
     if config.shots is not None:
@@ -58,6 +60,8 @@ def run(config: Config):
     save_split(split, Path(config.out))
     if listed is not None:
         write_names(Path(config.write_list), listed)
+    for warning in split_warnings(split, manifest):
+        log.warning("warning: %s", warning)
     return split
 
 

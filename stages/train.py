@@ -111,7 +111,10 @@ class Config:
     max_steps: int | None = setting(None, help="Stop after this many steps (the schedule still spans all epochs).")
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device, e.g. cuda, cpu.")
     classnames: Path | None = setting(
-        None, help="With a cache: refuse unless it was built for these class names. Online: the classes.")
+        None, default_text="the manifest's (classes.txt beside its shards), else with a cache the cache's, online ImageNet's",
+        help="With a cache: refuse unless it was built for these class names. Online: the classes.")
+    allow_unused_classes: bool = setting(False, help="Online: accept a default class list (the manifest's, "
+                                         "ImageNet's) longer than the labels imply (a file you name, or a cache's list, gets a warning only).")
     templates: Path | None = setting(None, default_text="the paper's 7 ImageNet templates",
                                      help="Online teacher: prompt templates, one per line with {}.")
     teacher_online: bool = setting(False, help="Run the teacher on each view in the loop (the reference's way), no cache.")
@@ -195,9 +198,11 @@ def _check_inputs(config: Config):
     """
     from dho_pipeline.cache_reader import CacheReader
     from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.package_data import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+    from dho_pipeline.package_data import IMAGENET_TEMPLATES
     from dho_pipeline.prompts import read_classnames, read_templates
     from dho_pipeline.split import load_split
+
+    from .common import class_list
 
     manifest = load_manifest(config.manifest)
     split = load_split(config.split)
@@ -206,21 +211,27 @@ def _check_inputs(config: Config):
         raise UserError(f"split {config.split} was drawn by rule {rule!r}, not {config.split_rule!r}; draw it with "
                         f"`dho-pipeline split --rule {config.split_rule}` (or drop --split-rule)")
     if config.teacher_online:
-        classnames = read_classnames(config.classnames or IMAGENET_CLASSNAMES)
+        classnames, source = class_list(config.classnames, manifest)
         templates = read_templates(config.templates or IMAGENET_TEMPLATES)
         split.check_manifest(manifest, where=f"split {config.split}")
         reader = None
     else:
         # The CE-only baseline reads no teacher targets (it shows the same cached views), so any T will do.
         temperature = config.temperature if config.objective_spec().needs_teacher else None
-        classnames = read_classnames(config.classnames) if config.classnames is not None else None
-        reader = CacheReader.open(config.cache, manifest, temperature, classnames=classnames,
-                                  classnames_source=str(config.classnames))
+        # The cache must hold the class names given, else those the manifest records (if any).
+        classnames, source = (read_classnames(config.classnames), str(config.classnames)) if config.classnames is not None \
+            else (manifest.classnames, "the manifest's class names (classes.txt beside its shards)")
+        reader = CacheReader.open(config.cache, manifest, temperature, classnames=classnames, classnames_source=source)
         split.check_manifest(manifest, where=f"split {config.split}")
         _check_cache_settings(config, reader.spec)
         classnames, templates = reader.spec.classnames, reader.spec.templates
+        source = f"the class names of cache {config.cache}"
     manifest.check_files(config.verify_shards)
-    manifest.check_labels(len(classnames))
+    # A cache's list was checked when it was built (cache-teacher): here only a warning, as for a file named.
+    given = config.classnames is not None or reader is not None
+    warning = manifest.check_class_count(len(classnames), source, given=given, allow_unused=config.allow_unused_classes)
+    if warning:
+        log.warning("warning: %s", warning)
     return manifest, reader, split, classnames, templates
 
 
@@ -244,7 +255,6 @@ def _train(config: Config, held: ExitStack) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-    from tqdm import tqdm
 
     from dho_pipeline import run_directory
     from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
@@ -253,6 +263,7 @@ def _train(config: Config, held: ExitStack) -> dict:
     from dho_pipeline.finite_guard import FiniteGuard
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.processes import StopSignals, StopVote
+    from dho_pipeline.progress import progress
     from dho_pipeline.schedule import StepPlan, learning_rate
     from dho_pipeline.student import build_student
     from dho_pipeline.student_data import training_loaders, training_samples
@@ -363,8 +374,7 @@ def _train(config: Config, held: ExitStack) -> dict:
     signals = StopSignals()
     vote = StopVote(signals, accelerator.num_processes)
     guard = FiniteGuard(student.parameters(), num_processes=accelerator.num_processes)
-    bar = tqdm(total=last_step, initial=step, unit="step", desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = progress(total=last_step, initial=step, unit="step", desc="train", show=accelerator.is_main_process)
     with bar, signals:  # the bar is closed (and its line ended) on the way out, errors included
         while step < last_step and not stopping:
             vote.post()

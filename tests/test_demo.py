@@ -32,7 +32,7 @@ def test_demo_reports_real_measurements(tmp_path):
         measured = digit_zero_shot_accuracy(model, open_clip.get_tokenizer(name), "test")
         reported = accuracy["teacher zero-shot" if who == "teacher" else "student zero-shot (before training)"]
         assert reported == pytest.approx(measured, abs=1.5 / 397), who
-    report = out / "report-10pct-seed0"
+    report = out / "report-1pct-seed0"  # the demo runs 1% labels by default
     for name in ("results.json", "report.md", "accuracy.png", "dho-training-loss.png", "dho-calibration.png"):
         assert (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()
@@ -44,3 +44,15 @@ def test_demo_reports_real_measurements(tmp_path):
     # A rerun resumes everything (shards byte-identical, caches complete, runs finished) and agrees.
     again = json.loads(cli("demo", "--out", out, "--epochs", "2", "--views", "2", "--json").stdout)
     assert again["accuracy"] == accuracy
+    # ... and reports each reused step (caches, training runs) with the time it took when it did the work,
+    # marked as reused, never the moment the skip took; the report says so.
+    first = {c["command"]: c for c in results["commands"]}
+    reused = [c for c in again["commands"] if c["reused"]]
+    assert {c["command"].split()[1] for c in reused} == {"cache-teacher", "train"} and len(reused) == 9
+    assert all(c["seconds"] == first[c["command"]]["seconds"] and not first[c["command"]]["reused"] for c in reused)
+    assert not any(c["reused"] for c in again["commands"] if c["command"].split()[1] in ("calibrate", "evaluate"))
+    text = (report / "report.md").read_text()
+    assert "9 step(s) reused the work of an earlier run" in text and " (reused) | `dho-pipeline train " in text
+    # calibration on enough held-out images to rank the grid, and the report says how many chose the point
+    assert again["dho_alpha_beta"]["held_out_images"] == 100
+    assert f"chosen on the {again['dho_alpha_beta']['held_out_images']} held-out train images" in text

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dho_pipeline.backbones import build_backbone
 from dho_pipeline.clip_models import Preprocess
-from dho_pipeline.student_checkpoint import StudentMetadata, load_student
+from dho_pipeline.student_checkpoint import StudentMetadata
 
 STUDENT = "test_convnext"  # 207k parameters, 160 px, mean = std = 0.5, bicubic, crop_pct 0.95 (timm's config)
 

@@ -10,7 +10,8 @@ Compact files: nearly all of a tiny CLIP's parameters are its 49,408-row token-e
 the captions use a few dozen rows. Those rows are the only ones training changes (the embedding is
 excluded from weight decay, and Adam leaves parameters with zero gradient untouched), so a compact
 file stores every other tensor plus just the used rows; loading rebuilds the model from the same seed
-and puts them back. The demo expands them into ordinary open_clip weight files.
+and puts them back. `--pretrained` takes them as they are (clip_models.load_clip expands them in memory);
+`expand_compact` writes an ordinary open_clip weights file.
 """
 
 from __future__ import annotations
@@ -111,10 +112,25 @@ def save_compact(model, used_tokens: list[int], path: Path, *, name: str, seed: 
     save_file(state, str(path), metadata=metadata)
 
 
-def expand_compact(path: Path, out: Path) -> dict:
-    """Rebuild the full open_clip state dict from a compact file and save it as `out` (safetensors)."""
+def is_compact(path: str | Path) -> bool:
+    """Whether `path` is a compact weights file (a safetensors file holding `token_rows.*`)."""
+    if not str(path).endswith(".safetensors"):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return COMPACT_ROWS <= set(handle.keys()) and "model" in (handle.metadata() or {})
+    except Exception:  # not a readable safetensors file: whoever loads it reports that
+        return False
+
+
+COMPACT_ROWS = {"token_rows.ids", "token_rows.values"}
+
+
+def compact_state_dict(path: str | Path) -> tuple[str, dict]:
+    """(open_clip model name, its full state dict) from a compact file (see the module docstring)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
@@ -125,6 +141,17 @@ def expand_compact(path: Path, out: Path) -> dict:
     table[state.pop("token_rows.ids")] = state.pop("token_rows.values")
     full.update(state)
     full[TOKEN_TABLE] = table
+    return metadata["model"], full
+
+
+def expand_compact(path: Path, out: Path) -> dict:
+    """Rebuild the full open_clip state dict from a compact file and save it as `out` (safetensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    _, full = compact_state_dict(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in full.items()}, str(out))
     return {"model": metadata["model"], **json.loads(metadata["about"])}

@@ -3,7 +3,6 @@ and says what is wrong (never a traceback, never a misleading cause), or the rig
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -111,7 +110,7 @@ def test_shard_refuses_a_folder_holding_older_shards_unless_overwrite(tmp_path):
     _outcome("re-sharding into a folder holding older shards", line)
     result = invoke("shard", tree, "--out", pattern, "--maxcount", "5", "--overwrite")  # 3 shards, 3 stale removed
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["classes.txt", "s-000.tar", "s-001.tar", "s-002.tar"]
     assert invoke("manifest", str(tmp_path / "out" / "*.tar"), "--out", tmp_path / "m.json").exit_code == 0
     assert load_manifest(tmp_path / "m.json").num_samples == 12
 
