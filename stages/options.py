@@ -160,6 +160,16 @@ def make_config(config_class, settings: dict, where: str = "as options"):
     return config_class(**settings)
 
 
+def check_choices(config) -> None:
+    """Every field declared with `choices` holds one of them (or None where that is its default): a
+    recipe or a Python caller passes values that click never saw."""
+    for field in dataclasses.fields(config):
+        allowed, value = field.metadata.get("choices"), getattr(config, field.name)
+        if allowed and value not in allowed and not (value is None and field.default is None):
+            raise UserError(f"--{field.name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
+                            f"not {value!r}")
+
+
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 

@@ -21,7 +21,6 @@ the released checkpoint format.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from contextlib import ExitStack, nullcontext
@@ -36,7 +35,8 @@ from dho_pipeline.split import RULES as SPLIT_RULES
 from dho_pipeline.views import EVAL_VIEWS, TRAIN_RESIZES
 
 from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
-from .options import FloatList, read_recipe, setting
+from . import train_setup as setup
+from .options import FloatList, check_choices, read_recipe, setting
 from .trackers import CHOICES as TRACKER_CHOICES
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
@@ -134,29 +134,17 @@ class Config:
             object.__setattr__(self, "pretrained", default_pretrained(self.student))
         if self.head is None:
             object.__setattr__(self, "head", default_head(StudentSpec.parse(self.student).family))
-        if self.head not in ("cosine", "linear"):
-            raise UserError(f"--head must be 'cosine' or 'linear', not {self.head!r}")
+        check_choices(self)  # recipes and the Python API bypass click's own check
         if self.eval_crop is not None and not 0 < self.eval_crop <= 1:
             raise UserError(f"--eval-crop must lie in (0, 1], not {self.eval_crop}")
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
-        if self.tail not in ("bucket", "uniform"):
-            raise UserError("--tail must be 'bucket' or 'uniform'")
         if self.temperature <= 0 or self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise UserError("--temperature, --lr, --epochs, --batch-size and --grad-accum must be positive")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if len(self.loss_weights) != 3:
             raise UserError("loss_weights takes three numbers: CE, KD on labeled, KD on unlabeled")
         if self.cache is None and not self.teacher_online:
             raise UserError("train needs --cache (or --teacher-online)")
         if self.teacher_online and not (self.teacher and self.teacher_pretrained):
             raise UserError("--teacher-online needs --teacher and --teacher-pretrained")
-        choices = {"lr_schedule": LR_SCHEDULES, "epoch_steps": EPOCH_STEPS, "train_views": TRAIN_VIEWS,
-                   "train_resize": TRAIN_RESIZES, "eval_view": EVAL_VIEWS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -182,70 +170,6 @@ def load_recipe(path: Path) -> dict:
     return read_recipe(path, Config, RECIPES)
 
 
-def _micro_batch(config: Config, world: int) -> int:
-    """Samples per stream, micro-step and process: the global batch split over processes and accumulation."""
-    if config.batch_size % (world * config.grad_accum):
-        raise UserError(
-            f"--batch-size {config.batch_size} must be divisible by processes x --grad-accum ({world} x {config.grad_accum})"
-        )
-    return config.batch_size // (world * config.grad_accum)
-
-
-def _check_inputs(config: Config):
-    """Everything that can be refused is refused here, before the student is built.
-
-    Returns the manifest, the cache reader (None with an online teacher), the split, class names, templates.
-    """
-    from dho_pipeline.cache_reader import CacheReader
-    from dho_pipeline.manifest import load_manifest
-    from dho_pipeline.package_data import IMAGENET_TEMPLATES
-    from dho_pipeline.prompts import read_classnames, read_templates
-    from dho_pipeline.split import load_split
-
-    from .common import class_list
-
-    manifest = load_manifest(config.manifest)
-    split = load_split(config.split)
-    rule = split.method.get("rule", "list" if split.method.get("from_list") else "balanced")  # older splits: no rule
-    if config.split_rule is not None and rule != config.split_rule:
-        raise UserError(f"split {config.split} was drawn by rule {rule!r}, not {config.split_rule!r}; draw it with "
-                        f"`dho-pipeline split --rule {config.split_rule}` (or drop --split-rule)")
-    if config.teacher_online:
-        classnames, source = class_list(config.classnames, manifest)
-        templates = read_templates(config.templates or IMAGENET_TEMPLATES)
-        split.check_manifest(manifest, where=f"split {config.split}")
-        reader = None
-    else:
-        # The CE-only baseline reads no teacher targets (it shows the same cached views), so any T will do.
-        temperature = config.temperature if config.objective_spec().needs_teacher else None
-        # The cache must hold the class names given, else those the manifest records (if any).
-        classnames, source = (read_classnames(config.classnames), str(config.classnames)) if config.classnames is not None \
-            else (manifest.classnames, "the manifest's class names (classes.txt beside its shards)")
-        reader = CacheReader.open(config.cache, manifest, temperature, classnames=classnames, classnames_source=source)
-        split.check_manifest(manifest, where=f"split {config.split}")
-        _check_cache_settings(config, reader.spec)
-        classnames, templates = reader.spec.classnames, reader.spec.templates
-        source = f"the class names of cache {config.cache}"
-    manifest.check_files(config.verify_shards)
-    # A cache's list was checked when it was built (cache-teacher): here only a warning, as for a file named.
-    given = config.classnames is not None or reader is not None
-    warning = manifest.check_class_count(len(classnames), source, given=given, allow_unused=config.allow_unused_classes)
-    if warning:
-        log.warning("warning: %s", warning)
-    return manifest, reader, split, classnames, templates
-
-
-def _check_cache_settings(config: Config, spec) -> None:
-    """The cache serves the class embeddings and the views this run asks for."""
-    wanted = config.teacher_class_embeddings
-    if wanted is not None and spec.class_embeddings != wanted:
-        raise UserError(f"cache {config.cache} was built with {spec.class_embeddings!r} class embeddings, not {wanted!r}; "
-                        f"build one with `cache-teacher --class-embeddings {wanted}`")
-    if config.train_views == "crops" and spec.num_views < 2:
-        raise UserError(f"--train-views crops needs a cache with random crops (views 1..V-1); cache {config.cache} "
-                        "holds only view 0: build it with --views 2 or more")
-
-
 def run(config: Config) -> dict:
     with ExitStack() as held:  # holds the run directory's lock until the run ends
         return _train(config, held)
@@ -257,15 +181,13 @@ def _train(config: Config, held: ExitStack) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from dho_pipeline import run_directory
-    from dho_pipeline.checkpoints import complete_training_states, load_checkpoint_file, remove_partial_training_states
-    from dho_pipeline.backbones import build_backbone
+    from dho_pipeline.checkpoints import complete_training_states, remove_partial_training_states
     from dho_pipeline.evaluation import epoch_evaluator
     from dho_pipeline.finite_guard import FiniteGuard
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.processes import StopSignals, StopVote
     from dho_pipeline.progress import progress
     from dho_pipeline.schedule import StepPlan, learning_rate
-    from dho_pipeline.student import build_student
     from dho_pipeline.student_data import training_loaders, training_samples
 
     from .common import on_main_then_share, process_state, resolve_compile, resolve_precision
@@ -273,9 +195,9 @@ def _train(config: Config, held: ExitStack) -> dict:
 
     # ---- setup: inputs checked, run directory claimed (a second run in it is refused) and checked ----
     state = process_state(config.device)
-    manifest, reader, split, classnames, templates = _check_inputs(config)
+    manifest, reader, split, classnames, templates = setup.check_inputs(config)
     trackers = chosen_trackers(config.report_to)
-    started = time.time() - _earlier_seconds(config)
+    started = time.time() - setup.earlier_seconds(config)
     objective = config.objective_spec()
     table, labeled_ids, unlabeled_ids, counts = training_samples(  # streams too small for the batch: refused
         manifest, split, reader, batch_size=config.batch_size, world=state.num_processes,
@@ -303,24 +225,15 @@ def _train(config: Config, held: ExitStack) -> dict:
         run_directory.record_start(out, config.to_json(), inputs)
 
     # ---- model and optimiser ----------------------------------------------------------------------
-    backbone = build_backbone(config.student, config.pretrained)
-    student = build_student(backbone, classnames, templates, head=config.head, device=device)
-    student_spec, student_preprocess = backbone.spec, backbone.preprocess
-    if config.eval_crop is not None:
-        student_preprocess = dataclasses.replace(student_preprocess, crop_fraction=config.eval_crop)
+    student, student_spec, student_preprocess = setup.new_student(config, classnames, templates, device)
     normalize = Normalizer(student_preprocess.mean, student_preprocess.std, device)
-    del backbone
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     # ---- resume: model, optimiser and data position from the newest complete checkpoint ------------
-    step, positions = 0, {"labeled": 0, "unlabeled": 0}
-    if config.resume and saved:
-        resumed = load_checkpoint_file(saved[-1] / "state.pt")
-        student.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        step, positions = resumed["step"], resumed["positions"]
-        if accelerator.is_main_process:
-            log.info("resuming %s from step %d", out, step)
+    step, positions = setup.restore(saved[-1], student, optimizer) if config.resume and saved else \
+        (0, {"labeled": 0, "unlabeled": 0})
+    if step and accelerator.is_main_process:
+        log.info("resuming %s from step %d", out, step)
     student, optimizer = accelerator.prepare(student, optimizer)
     # The training forward is compiled; evaluation keeps the eager model (its batch sizes and
     # train/eval mode would each cost a recompile). DDP's hooks stay on the path: the compiled call
@@ -329,8 +242,8 @@ def _train(config: Config, held: ExitStack) -> dict:
     train_forward = torch.compile(student, dynamic=False) if compiled else student
 
     # ---- data -------------------------------------------------------------------------------------
-    micro_batch = _micro_batch(config, accelerator.num_processes)
-    teacher = _online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
+    micro_batch = setup.micro_batch(config, accelerator.num_processes)
+    teacher = setup.online_teacher(config, classnames, templates, device, precision, compiled, micro_batch) \
         if config.teacher_online else None
     streams = training_loaders(
         table, labeled_ids, unlabeled_ids if objective.needs_teacher else None,
@@ -338,7 +251,7 @@ def _train(config: Config, held: ExitStack) -> dict:
         rank=accelerator.process_index, world=accelerator.num_processes, positions=positions, workers=config.workers,
         reader=reader, online_views=teacher.views if teacher else None,
         teacher_size=teacher.image_size if teacher else None, pin_memory=device.type == "cuda",
-        via_size=_teacher_size(reader, teacher) if config.train_resize == "reference" else None,
+        via_size=setup.teacher_size(reader, teacher) if config.train_resize == "reference" else None,
         crops_only=config.train_views == "crops",
     )
     plan = StepPlan.of(num_unlabeled=counts["unlabeled"], batch_size=config.batch_size, epochs=config.epochs,
@@ -429,7 +342,7 @@ def _train(config: Config, held: ExitStack) -> dict:
                     append_jsonl(metrics_path, {"step": step, "epoch": epoch, "eval": last_eval})
                 accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
             if save:
-                _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch)
+                setup.save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch)
                 saved_step = step
     if stopping and step < last_step:
         append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions,
@@ -444,7 +357,7 @@ def _train(config: Config, held: ExitStack) -> dict:
     summary = {"steps": step, "total_steps": plan.total_steps, "finished": finished, "epoch": epoch,
                "eval": last_eval, **counts, "wall_seconds": round(time.time() - started, 3)}
     if accelerator.is_main_process:
-        _student_checkpoint(config, accelerator.unwrap_model(student), student_spec, student_preprocess, classnames,
+        setup.student_checkpoint(config, accelerator.unwrap_model(student), student_spec, student_preprocess, classnames,
                             templates, inputs, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
                             ).save(out / "student.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -452,17 +365,6 @@ def _train(config: Config, held: ExitStack) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group
     return summary
-
-
-def _earlier_seconds(config: Config) -> float:
-    """Wall time a resumed run already spent (its last summary's)."""
-    summary = Path(config.out) / "summary.json"
-    if not (config.resume and summary.is_file()):
-        return 0.0
-    try:
-        return float(json.loads(summary.read_text()).get("wall_seconds", 0.0))
-    except (ValueError, TypeError, AttributeError):
-        return 0.0
 
 
 def _losses(objective, student, batches: dict, normalize) -> dict:
@@ -474,47 +376,3 @@ def _losses(objective, student, batches: dict, normalize) -> dict:
     ce_logits, kd_logits = student(torch.cat([normalize(b["pixels"]) for b in parts]))
     return objective.losses(ce_logits, kd_logits, labeled["labels"], labeled.get("teacher"),
                             unlabeled.get("teacher") if unlabeled is not None else None)
-
-
-def _save_training_state(accelerator, out, config, student, optimizer, step, positions, epoch) -> None:
-    from dho_pipeline.checkpoints import save_training_state
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        payload = {"model": accelerator.unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
-                   "step": step, "positions": dict(positions), "epoch": epoch}
-        save_training_state(out, step, payload, keep=config.keep_checkpoints)
-    accelerator.wait_for_everyone()
-
-
-def _student_checkpoint(config, student, spec, preprocess, classnames, templates, inputs, manifest, split, table,
-                        labeled_ids, step, finished, epoch, last_eval):
-    """student.pt: the released format, with what this run was (architecture, data, fingerprints)."""
-    from dho_pipeline.student_checkpoint import PAPER_ALPHA_BETA, StudentCheckpoint, StudentMetadata
-
-    metadata = StudentMetadata(
-        model=spec.name, family=spec.family, head=config.head, pretrained=config.pretrained, preprocess=preprocess,
-        classnames=list(classnames), templates=list(templates), config=config.to_json(), cache_fingerprint=inputs["cache"],
-        manifest_fingerprint=manifest.fingerprint, split_fingerprint=split.fingerprint, steps=step, finished=finished,
-        labeled_keys=sorted(table.key(int(i)) for i in labeled_ids),
-    )
-    alpha, beta = PAPER_ALPHA_BETA
-    return StudentCheckpoint(state_dict=student.state_dict(), epoch=epoch, acc=last_eval["mix"] if last_eval else None,
-                             alpha=alpha, beta=beta, metadata=metadata)
-
-
-def _teacher_size(reader, teacher) -> tuple[int, int]:
-    """The teacher's input size: the reference renders each view there first (378 for DFN5B)."""
-    return tuple(reader.spec.preprocess["image_size"]) if reader else teacher.image_size
-
-
-def _online_teacher(config: Config, classnames, templates, device, precision, compiled, batch_size):
-    """--teacher-online: the zero-shot teacher, built and run exactly as cache-teacher runs it."""
-    from dho_pipeline.teacher import OnlineTeacher, load_zero_shot_teacher
-
-    from .common import precision_dtype
-
-    loaded = load_zero_shot_teacher(config.teacher, config.teacher_pretrained, classnames, templates, device=device,
-                                    dtype=precision_dtype(precision), compile=compiled, batch_size=batch_size,
-                                    class_embeddings=config.teacher_class_embeddings or "unit")
-    return OnlineTeacher(loaded, seed=config.seed, crop_scale=config.crop_scale, device=device)

@@ -80,6 +80,21 @@ def test_every_option_shows_its_config_default(command):
             assert quoted == default, (command, flag, quoted)
 
 
+@pytest.mark.parametrize("field, value", [("objective", "dh0"), ("lr_schedule", "cosine"), ("head", "mlp"),
+                                          ("precision", "fp8"), ("split_rule", "random")])
+def test_a_recipe_value_outside_a_fields_choices_is_refused_by_name(tmp_path, field, value):
+    """Recipes (and Python callers) reach the Config without click's Choice check: the Config checks."""
+    from dho_pipeline.errors import UserError
+    from dho_pipeline.stages.options import make_config
+
+    settings = {"cache": tmp_path / "c.zarr", "manifest": tmp_path / "m.json", "split": tmp_path / "s.json",
+                "out": tmp_path / "run", field: value}
+    with pytest.raises(UserError, match=f"--{field.replace('_', '-')} must be one of .*, not '{value}'"):
+        make_config(train.Config, settings)
+    del settings[field]
+    make_config(train.Config, settings)  # the same settings without it are accepted
+
+
 def test_shard_command_turns_class_folders_into_shards(tmp_path):
     import numpy as np
 
