@@ -22,11 +22,11 @@ from pathlib import Path
 from dho_pipeline.errors import Stopped, UserError
 
 from dho_pipeline.cache_store import CLASS_EMBEDDINGS, COMPRESSIONS, DEFAULT_COMPRESSION
-from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.package_data import IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
 from .common import PRECISIONS, append_jsonl, log, on_main_then_share
+from .shared_settings import precision_setting, verify_shards_setting
 from .options import IntOrAll, setting
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
@@ -54,8 +54,7 @@ class Config:
     batch_size: int = setting(256, help="Views per teacher forward pass.")
     workers: int = setting(4, help="Image-decoding processes per rank.")
     device: str | None = setting(None, default_text="this rank's GPU, else cpu", help="Device, e.g. cuda, cuda:1, cpu.")
-    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
-                                    help="Precision of the teacher's tower (its classifier stays fp32).")
+    precision: str | None = precision_setting("Precision of the teacher's tower (its classifier stays fp32).")
     compile: bool | None = setting(None, default_text="on GPUs",
                                    help="torch.compile the teacher (~25 s once; 1.11x on an H100).")
     resize: str | None = setting(None, choices=RESIZE_MODES, help="Override the teacher's resize mode.")
@@ -67,9 +66,7 @@ class Config:
         "unit", choices=CLASS_EMBEDDINGS,
         help="Class embeddings: the template mean of unit text embeddings renormalised ('unit'), or not ('reference', "
              "the reference's DFN5B teacher: logits scaled by that mean's norm). Recorded in the cache.")
-    verify_shards: str = setting("quick", choices=FILE_CHECKS,
-                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
-                                 "or full (sha256 of every byte).")
+    verify_shards: str = verify_shards_setting()
 
     def __post_init__(self):
         if self.views < 1:

@@ -24,11 +24,9 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from dho_pipeline.hashing import FILE_CHECKS
-from dho_pipeline.views import EVAL_VIEWS
-
-from .common import PRECISIONS, log
+from .common import log
 from .options import setting
+from .shared_settings import eval_view_setting, precision_setting, verify_shards_setting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,14 +44,9 @@ class Config:
     batch_size: int = setting(256, help="Images per batch and process.")
     workers: int = setting(4, help="Data-loading processes.")
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
-    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
-                                    help="Autocast precision.")
-    eval_view: str = setting("center-square", choices=EVAL_VIEWS,
-                             help="Each image's view: the centred square, one bicubic resize; or 'reference': "
-                                  "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
-    verify_shards: str = setting("quick", choices=FILE_CHECKS,
-                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
-                                 "or full (sha256 of every byte).")
+    precision: str | None = precision_setting()
+    eval_view: str = eval_view_setting()
+    verify_shards: str = verify_shards_setting()
 
 
 def _calibration_ids(config: Config, manifest):

@@ -17,11 +17,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from dho_pipeline.hashing import FILE_CHECKS
-from dho_pipeline.views import EVAL_VIEWS
-
-from .common import PRECISIONS
 from .options import setting
+from .shared_settings import eval_view_setting, precision_setting, verify_shards_setting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,23 +35,18 @@ class Config:
     batch_size: int = setting(256, help="Images per batch and process.")
     workers: int = setting(4, help="Data-loading processes.")
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
-    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
-                                    help="Autocast precision.")
+    precision: str | None = precision_setting()
     class_subset: str | None = setting(None, help="Only these classes: imagenet-a, imagenet-r, or a file of WordNet "
                                        "ids or class indices (both heads' logits restricted before the mix).")
-    eval_view: str = setting("center-square", choices=EVAL_VIEWS,
-                             help="Each image's view: the centred square, one bicubic resize; or 'reference': "
-                                  "Resize(378) bilinear, CenterCrop(378), Resize bicubic (docs/fidelity.md).")
-    verify_shards: str = setting("quick", choices=FILE_CHECKS,
-                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
-                                 "or full (sha256 of every byte).")
+    eval_view: str = eval_view_setting()
+    verify_shards: str = verify_shards_setting()
 
 
 def load_inputs(config):
     """The student, its evaluation data, and this process's device and precision."""
     from dho_pipeline.manifest import manifest_for_data
-    from dho_pipeline.student_checkpoint import load_student
     from dho_pipeline.prompts import read_classnames
+    from dho_pipeline.student_checkpoint import load_student
 
     from .common import process_state, resolve_device, resolve_precision
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import PRECISIONS
 from .options import setting
+from .shared_settings import precision_setting
 
 # (Config field, title, class subset): the paper's robustness table's sets, in its order.
 SETS = (
@@ -52,8 +52,7 @@ class Config:
     batch_size: int = setting(256, help="Images per batch and process.")
     workers: int = setting(4, help="Data-loading processes.")
     device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
-    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
-                                    help="Autocast precision.")
+    precision: str | None = precision_setting()
 
 
 def run(config: Config) -> dict:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
-from .common import PRECISIONS
 from .options import setting
+from .shared_settings import precision_setting
 
 HEADS = ("ce", "kd", "mix")
 METRICS = ("top1", "nll", "ece")
@@ -47,8 +47,7 @@ class Config:
     batch_size: int = setting(256, help="Evaluation images per batch.")
     workers: int = setting(4, help="Data-loading processes.")
     device: str | None = setting(None, default_text="cuda if available, else cpu", help="Device.")
-    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
-                                    help="Autocast precision.")
+    precision: str | None = precision_setting()
 
 
 # ---- one run ----------------------------------------------------------------------------------------------

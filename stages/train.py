@@ -29,14 +29,14 @@ from pathlib import Path
 
 from dho_pipeline.cache_store import CLASS_EMBEDDINGS
 from dho_pipeline.errors import Stopped, UserError
-from dho_pipeline.hashing import FILE_CHECKS
 from dho_pipeline.schedule import EPOCH_STEPS, LR_SCHEDULES
 from dho_pipeline.split import RULES as SPLIT_RULES
-from dho_pipeline.views import EVAL_VIEWS, TRAIN_RESIZES
+from dho_pipeline.views import TRAIN_RESIZES
 
-from .common import PRECISIONS, MetricsWindow, append_jsonl, log, reduce_sum
 from . import train_setup as setup
+from .common import MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, check_choices, read_recipe, setting
+from .shared_settings import eval_view_setting, precision_setting, verify_shards_setting
 from .trackers import CHOICES as TRACKER_CHOICES
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
@@ -83,18 +83,14 @@ class Config:
         "direct", choices=TRAIN_RESIZES,
         help="Student training views: crop -> student size, one bicubic resize; or 'reference': crop -> teacher size "
              "-> student size, two.")
-    eval_view: str = setting(
-        "center-square", choices=EVAL_VIEWS,
-        help="View of the eval-data images: the centred square, one bicubic resize; or 'reference': Resize(378) bilinear, "
-             "CenterCrop(378), Resize bicubic.")
+    eval_view: str = eval_view_setting("View of the eval-data images")
     split_rule: str | None = setting(
         None, choices=(*SPLIT_RULES, "list"), default_text="any",
         help="Refuse a split drawn by another rule (the paper's recipes ask for 'reference').")
     teacher_class_embeddings: str | None = setting(
         None, choices=CLASS_EMBEDDINGS, default_text="the cache's; online: unit",
         help="With a cache: refuse unless it was built with these class embeddings. Online: the teacher's.")
-    precision: str | None = setting(None, choices=PRECISIONS, default_text="bf16 on GPU, fp32 on CPU",
-                                    help="Autocast precision of the training step.")
+    precision: str | None = precision_setting("Autocast precision of the training step.")
     compile: bool | None = setting(None, default_text="on GPUs",
                                    help="torch.compile the training step (and an online teacher).")
     grad_accum: int = setting(1, help="Micro-steps per optimiser step.")
@@ -122,9 +118,7 @@ class Config:
     teacher_pretrained: str | None = setting(None, help="Online teacher: open_clip tag, weights file or 'none'.")
     crop_scale: tuple[float, float] = setting((0.5, 1.0), type=FloatList(),
                                               help="Online teacher: RandomResizedCrop area range of the views.")
-    verify_shards: str = setting("quick", choices=FILE_CHECKS,
-                                 help="Check each shard against the manifest first: quick (size, 16 sampled blocks) "
-                                 "or full (sha256 of every byte).")
+    verify_shards: str = verify_shards_setting()
 
     def __post_init__(self):
         from dho_pipeline.backbones import StudentSpec, default_head, default_pretrained
