@@ -111,6 +111,30 @@ def cached_dataset(root: Path, *, num_shards: int, per_shard: int, cache_options
     return {**data, "cache": root / "c.zarr", "split": root / "s.json"}
 
 
+def training_data(root: Path, *, num_shards: int, per_shard: int, eval_per_shard: int) -> dict:
+    """cached_dataset (2 views, top-3, 25% labeled, 1 per class held out) plus a separate eval manifest."""
+    data = cached_dataset(root, num_shards=num_shards, per_shard=per_shard, cache_options=("--views", "2", "--topk", "3"),
+                          split_options=("--percent", "25", "--holdout", "1"))
+    write_shards(root / "eval", num_shards=1, per_shard=eval_per_shard, seed=5, prefix="eval")
+    cli("manifest", str(root / "eval" / "*.tar"), "--out", root / "eval.json")
+    return {**data, "eval": root / "eval.json"}
+
+
+def manifest_of_classes(folder: Path, *, per_shard: int, num_classes: int = 5) -> Path:
+    """4 generated shards of `per_shard` images over `num_classes` classes, and their manifest."""
+    write_shards(folder / "d", num_shards=4, per_shard=per_shard, num_classes=num_classes)
+    cli("manifest", str(folder / "d" / "*.tar"), "--out", folder / "m.json")
+    return folder / "m.json"
+
+
+def labels_of(manifest_path: Path, chosen: dict) -> list[int]:
+    """The labels of the samples `chosen` names ({shard name: positions}, as a split records them)."""
+    from dho_pipeline.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    return [s.labels[p] for s in manifest.shards for p in chosen.get(s.name, [])]
+
+
 def cache_args(data: dict, out: Path, *extra) -> list:
     return [
         "cache-teacher", "--manifest", data["manifest"], "--out", out, *TINY_TEACHER,

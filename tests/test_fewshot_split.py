@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from helpers import cli, write_shards
+from helpers import cli, labels_of, manifest_of_classes
 
 from dho_pipeline.manifest import load_manifest
 from dho_pipeline.split import load_split
@@ -14,14 +14,7 @@ from dho_pipeline.split import load_split
 
 @pytest.fixture
 def manifest(tmp_path):
-    write_shards(tmp_path / "d", num_shards=4, per_shard=40, num_classes=5)
-    cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m.json")
-    return tmp_path / "m.json"
-
-
-def labels_of(manifest_path, chosen):
-    manifest = load_manifest(manifest_path)
-    return [s.labels[p] for s in manifest.shards for p in chosen.get(s.name, [])]
+    return manifest_of_classes(tmp_path, per_shard=40)
 
 
 def test_shots_per_class_with_holdout_and_the_rest_unlabeled(manifest, tmp_path):

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from helpers import cli, write_shards
+from helpers import cli, labels_of, manifest_of_classes, write_shards
 
 from dho_pipeline.errors import UserError
 from dho_pipeline.manifest import load_manifest
@@ -16,14 +16,7 @@ from dho_pipeline.split import load_split
 
 @pytest.fixture
 def manifest(tmp_path):
-    write_shards(tmp_path / "d", num_shards=4, per_shard=50, num_classes=5)
-    cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m.json")
-    return tmp_path / "m.json"
-
-
-def labels_of(manifest_path, chosen):
-    manifest = load_manifest(manifest_path)
-    return [s.labels[p] for s in manifest.shards for p in chosen.get(s.name, [])]
+    return manifest_of_classes(tmp_path, per_shard=50)
 
 
 def test_class_balanced_draw_with_holdout(manifest, tmp_path):

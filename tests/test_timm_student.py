@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import BIN, cached_dataset, cli, image_bytes, random_image, run_command, write_shards
+from helpers import BIN, cli, image_bytes, random_image, run_command, training_data
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -24,12 +24,7 @@ STUDENT = "test_convnext"  # 207k parameters, 160 px, mean = std = 0.5, bicubic,
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("timm")
-    data = cached_dataset(root, num_shards=2, per_shard=12, cache_options=("--views", "2", "--topk", "3"),
-                          split_options=("--percent", "25", "--holdout", "1"))
-    write_shards(root / "eval", num_shards=1, per_shard=6, seed=5, prefix="eval")
-    cli("manifest", str(root / "eval" / "*.tar"), "--out", root / "eval.json")
-    return {**data, "eval": root / "eval.json"}
+    return training_data(tmp_path_factory.mktemp("timm"), num_shards=2, per_shard=12, eval_per_shard=6)
 
 
 def train_args(data, out, *extra):

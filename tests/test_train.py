@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    BIN, CLASSNAMES, TEMPLATES, TINY_TEACHER, cache_args, cached_dataset, cli, random_image, run_command, write_lists,
-    write_shards,
+    BIN, CLASSNAMES, TEMPLATES, TINY_TEACHER, cache_args, cli, random_image, run_command, write_lists,
+    training_data, write_shards,
 )
 from PIL import Image
 from torch import nn
@@ -22,12 +22,7 @@ from dho_pipeline.clip_models import load_clip
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    data = cached_dataset(root, num_shards=4, per_shard=16, cache_options=("--views", "2", "--topk", "3"),
-                          split_options=("--percent", "25", "--holdout", "1"))
-    write_shards(root / "eval", num_shards=1, per_shard=10, seed=5, prefix="eval")
-    cli("manifest", str(root / "eval" / "*.tar"), "--out", root / "eval.json")
-    return {**data, "eval": root / "eval.json"}
+    return training_data(tmp_path_factory.mktemp("train"), num_shards=4, per_shard=16, eval_per_shard=10)
 
 
 def train_args(data, out, *extra):
