@@ -53,6 +53,11 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+def _count(number: int, word: str) -> str:
+    """`1 shard`, `2 shards`."""
+    return f"{number} {word}" + ("" if number == 1 else "s")
+
+
 def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -88,7 +93,7 @@ def manifest(**options):
     result = manifest_stage.run(make_config(manifest_stage.Config, given(options)))
     labeled = sum(1 for s in result.shards if s.labels is not None)
     names = f"; {len(result.classnames)} class names (from classes.txt beside the shards)" if result.classnames else ""
-    click.echo(f"wrote {options['out']}: {len(result.shards)} shards, {result.num_samples} samples, "
+    click.echo(f"wrote {options['out']}: {_count(len(result.shards), 'shard')}, {result.num_samples} samples, "
                f"{labeled} shard(s) with labels{names}")
 
 
@@ -99,7 +104,7 @@ def shard(**options):
     result = shard_stage.run(make_config(shard_stage.Config, given(options)))
     skipped = f"; {result['skipped']} non-image file(s) skipped" if result["skipped"] else ""
     parts = " (" + ", ".join(f"{n} {part}" for part, n in result["parts"].items()) + ")" if "parts" in result else ""
-    click.echo(f"wrote {len(result['shards'])} shards: {result['samples']} images{parts} of {result['classes']} "
+    click.echo(f"wrote {_count(len(result['shards']), 'shard')}: {result['samples']} images{parts} of {result['classes']} "
                f"classes{skipped}")
     if result["classnames"]:
         click.echo(f"wrote {result['classnames']}: the {result['classes']} class names (line i = class i; edit them "
@@ -125,7 +130,7 @@ def cache_teacher(**options):
     if _is_main_rank():
         state = "complete" if summary["complete"] else f"incomplete ({len(summary['incomplete_shards'])} shards left)"
         click.echo(
-            f"cache {options['out']}: {state}; {summary['num_samples']} samples in {summary['num_shards']} shards, "
+            f"cache {options['out']}: {state}; {summary['num_samples']} samples in {_count(summary['num_shards'], 'shard')}, "
             f"{summary['num_missing']} recorded as missing"
         )
 
