@@ -145,20 +145,24 @@ class Manifest:
                         f"(0..{num_classes - 1}); check the class-names file or the shard's labels"
                     )
 
-    def check_class_count(self, num_classes: int, source: str, *, given: bool, allow_unused: bool = False) -> str | None:
-        """Labels inside the class list; a list longer than the labels imply (ImageNet's 1000 names for a
-        5-class data set make a 1000-way teacher) is refused when it was not `given` (a default) unless
-        `allow_unused`, and is a warning (returned) when the user named the file."""
+    def check_class_count(self, num_classes: int, source: str, *, allow_unused: bool = False,
+                          checked_before: bool = False) -> str | None:
+        """Labels inside the class list, and a list no longer than the labels imply: ImageNet's 1000
+        names for a 5-class data set make a 1000-way teacher, a silently wrong student. A longer list is
+        refused unless `allow_unused` (an ImageNet subset keeping ImageNet's indices); one that was
+        `checked_before` (a cache's, checked by cache-teacher) only gets a warning (returned)."""
         self.check_labels(num_classes)
         implied = self.label_range()
         if implied is None or num_classes <= implied or allow_unused:
             return None
-        numbers = f"the class list ({source}) has {num_classes} names but the labels run 0..{implied - 1} ({implied} classes)"
-        if given:
-            return f"{numbers}: classes {implied}..{num_classes - 1} have no labeled sample; is it the right file?"
+        numbers = (f"the class list ({source}) has {num_classes} names but the labels run 0..{implied - 1} "
+                   f"({implied} class{'es' if implied != 1 else ''}): classes {implied}..{num_classes - 1} have no labeled sample")
+        if checked_before:
+            return numbers
         raise UserError(
             f"{numbers}; pass the data set's own class names (--classnames FILE; `dho-pipeline shard` writes "
-            "classes.txt beside the shards), or --allow-unused-classes if no sample is labeled with the last ones"
+            "classes.txt beside the shards), or --allow-unused-classes if the last classes simply have no labeled "
+            "image (an ImageNet subset keeping ImageNet's indices)"
         )
 
     def label_range(self) -> int | None:

@@ -41,8 +41,8 @@ class Config:
     pretrained: str = setting(DEFAULT_PRETRAINED, help="open_clip tag, local weights file, or 'none' (random, for tests).")
     classnames: Path | None = setting(None, default_text="the manifest's (classes.txt beside its shards), else ImageNet's 1000",
                                       help="Class names, one per line, in label order.")
-    allow_unused_classes: bool = setting(False, help="Accept a default class list (the manifest's, ImageNet's) longer "
-                                         "than the labels imply (a --classnames file you name gets a warning only).")
+    allow_unused_classes: bool = setting(False, help="Accept a class list longer than the labels imply (the last "
+                                         "classes have no labeled image, e.g. an ImageNet subset keeping its indices).")
     templates: Path = setting(IMAGENET_TEMPLATES, default_text="the paper's 7 ImageNet templates",
                               help="Prompt templates, one per line, with {} where the class name goes; or a "
                               "set that ships (imagenet, oxford_pets, eurosat, ...).")
@@ -114,10 +114,7 @@ def run(config: Config) -> dict:
     manifest.check_files(config.verify_shards)
     classnames, source = class_list(config.classnames, manifest)
     templates = read_templates(config.templates)
-    warning = manifest.check_class_count(len(classnames), source, given=config.classnames is not None,
-                                         allow_unused=config.allow_unused_classes)
-    if warning:
-        log.warning("warning: %s", warning)
+    manifest.check_class_count(len(classnames), source, allow_unused=config.allow_unused_classes)
     # k >= the number of classes simply keeps every logit.
     k = len(classnames) if config.topk is None else min(config.topk, len(classnames))
 

@@ -109,8 +109,8 @@ class Config:
     classnames: Path | None = setting(
         None, default_text="the manifest's (classes.txt beside its shards), else with a cache the cache's, online ImageNet's",
         help="With a cache: refuse unless it was built for these class names. Online: the classes.")
-    allow_unused_classes: bool = setting(False, help="Online: accept a default class list (the manifest's, "
-                                         "ImageNet's) longer than the labels imply (a file you name, or a cache's list, gets a warning only).")
+    allow_unused_classes: bool = setting(False, help="Online: accept a class list longer than the labels imply (a "
+                                         "cache's list was checked by cache-teacher: a warning only).")
     templates: Path | None = setting(None, default_text="the paper's 7 ImageNet templates",
                                      help="Online teacher: prompt templates, one per line with {}.")
     teacher_online: bool = setting(False, help="Run the teacher on each view in the loop (the reference's way), no cache.")

@@ -56,9 +56,9 @@ def check_inputs(config):
         classnames, templates = reader.spec.classnames, reader.spec.templates
         source = f"the class names of cache {config.cache}"
     manifest.check_files(config.verify_shards)
-    # A cache's list was checked when it was built (cache-teacher): here only a warning, as for a file named.
-    given = config.classnames is not None or reader is not None
-    warning = manifest.check_class_count(len(classnames), source, given=given, allow_unused=config.allow_unused_classes)
+    # A cache's list was checked when it was built (cache-teacher): here only a warning.
+    warning = manifest.check_class_count(len(classnames), source, allow_unused=config.allow_unused_classes,
+                                         checked_before=reader is not None)
     if warning:
         log.warning("warning: %s", warning)
     return manifest, reader, split, classnames, templates

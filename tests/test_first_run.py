@@ -69,7 +69,7 @@ def test_shard_names_the_classes_and_every_stage_uses_them(own_images):
     assert "was built for another class list than" in result.output and "other.txt" in result.output
 
 
-def test_a_default_class_list_longer_than_the_labels_is_refused_unless_allowed(tmp_path, caplog):
+def test_a_class_list_longer_than_the_labels_is_refused_unless_allowed(tmp_path, caplog):
     write_shards(tmp_path / "d", num_shards=2, per_shard=8, num_classes=3)  # labels 0..2, no classes.txt
     cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m.json")
     assert load_manifest(tmp_path / "m.json").label_range() == 3
@@ -80,12 +80,23 @@ def test_a_default_class_list_longer_than_the_labels_is_refused_unless_allowed(t
     assert "the class list (ImageNet's 1000 class names, the default) has 1000 names but the labels run 0..2 " \
            "(3 classes)" in result.output and "--allow-unused-classes" in result.output
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "a.zarr.lock").exists()
-    # a file the user names is their choice: built, with a warning that gives the numbers
+    # a file the user names is refused the same way (ImageNet's names for a re-indexed subset are the same
+    # trap), unless told: then built
     five, _ = write_lists(tmp_path / "five")  # 5 names for 3 classes
-    with caplog.at_level("WARNING", logger="dho_pipeline"):
-        cli(*base, "--manifest", tmp_path / "m.json", "--out", tmp_path / "b.zarr", "--classnames", five)
+    result = cli(*base, "--manifest", tmp_path / "m.json", "--out", tmp_path / "b.zarr", "--classnames", five,
+                 expect_exit=1)
     assert f"the class list ({five}) has 5 names but the labels run 0..2 (3 classes): classes 3..4 have no " \
-           "labeled sample" in caplog.text
+           "labeled sample" in result.output and "--allow-unused-classes" in result.output
+    cli(*base, "--manifest", tmp_path / "m.json", "--out", tmp_path / "b.zarr", "--classnames", five,
+        "--allow-unused-classes")
+    # train on that cache: its list was checked when it was built, so only a warning with the numbers
+    cli("split", "--manifest", tmp_path / "m.json", "--percent", "25", "--out", tmp_path / "s.json")
+    with caplog.at_level("WARNING", logger="dho_pipeline"):
+        cli("train", "--cache", tmp_path / "b.zarr", "--manifest", tmp_path / "m.json", "--split", tmp_path / "s.json",
+            "--out", tmp_path / "run", "--student", "dho-test-vit", "--pretrained", "none", "--batch-size", "4",
+            "--max-steps", "1", "--workers", "0")
+    assert f"the class list (the class names of cache {tmp_path / 'b.zarr'}) has 5 names but the labels run 0..2" \
+        in caplog.text
     # the same 5 names beside the shards: the manifest's list is a default again, refused unless allowed
     (tmp_path / "d" / "classes.txt").write_text(five.read_text())
     cli("manifest", str(tmp_path / "d" / "*.tar"), "--out", tmp_path / "m5.json")
