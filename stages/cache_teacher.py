@@ -26,7 +26,7 @@ from dho_pipeline.package_data import IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
 from .common import PRECISIONS, append_jsonl, log, on_main_then_share
-from .shared_settings import precision_setting, verify_shards_setting
+from .shared_settings import device_setting, precision_setting, verify_shards_setting
 from .options import IntOrAll, setting
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
@@ -53,7 +53,7 @@ class Config:
     seed: int = setting(0, help="Seed of the views.")
     batch_size: int = setting(256, help="Views per teacher forward pass.")
     workers: int = setting(4, help="Image-decoding processes per rank.")
-    device: str | None = setting(None, default_text="this rank's GPU, else cpu", help="Device, e.g. cuda, cuda:1, cpu.")
+    device: str | None = device_setting("this rank's GPU, else cpu")
     precision: str | None = precision_setting("Precision of the teacher's tower (its classifier stays fp32).")
     compile: bool | None = setting(None, default_text="on GPUs",
                                    help="torch.compile the teacher (~25 s once; 1.11x on an H100).")

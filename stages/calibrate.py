@@ -26,7 +26,9 @@ from dho_pipeline.errors import UserError
 
 from .common import log
 from .options import setting
-from .shared_settings import eval_view_setting, precision_setting, verify_shards_setting
+from .shared_settings import (
+    device_setting, eval_view_setting, precision_setting, student_setting, verify_shards_setting,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,13 +39,12 @@ class Config:
     out: Path = setting(help="Calibrated checkpoint to write.")
     split: Path | None = setting(None, help="Calibrate on this split's held-out images of --data.")
     allow_overlap: bool = setting(False, help="Accept images the student was trained on as labeled.")
-    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
-                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    student: str | None = student_setting()
     classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
                                       help="Class names, one per line.")
     batch_size: int = setting(256, help="Images per batch and process.")
     workers: int = setting(4, help="Data-loading processes.")
-    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
+    device: str | None = device_setting()
     precision: str | None = precision_setting()
     eval_view: str = eval_view_setting()
     verify_shards: str = verify_shards_setting()

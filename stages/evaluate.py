@@ -18,7 +18,10 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from .options import setting
-from .shared_settings import eval_view_setting, precision_setting, verify_shards_setting
+from .shared_settings import (
+    alpha_setting, beta_setting, device_setting, eval_view_setting, precision_setting, student_setting,
+    verify_shards_setting,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,15 +29,14 @@ class Config:
     checkpoint: Path = setting(help="Student: a checkpoint (ours or a released one), an open_clip export folder, "
                                     "or a .safetensors export with its .json.")
     data: tuple[str, ...] = setting(help="A manifest (.json) or shards; repeatable.")
-    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
-                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    student: str | None = student_setting()
     classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
                                       help="Class names, one per line.")
-    alpha: float | None = setting(None, default_text="the checkpoint's", help="Weight of the CE head in the mix.")
-    beta: float | None = setting(None, default_text="the checkpoint's", help="Temperature of the KD head in the mix.")
+    alpha: float | None = alpha_setting()
+    beta: float | None = beta_setting()
     batch_size: int = setting(256, help="Images per batch and process.")
     workers: int = setting(4, help="Data-loading processes.")
-    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
+    device: str | None = device_setting()
     precision: str | None = precision_setting()
     class_subset: str | None = setting(None, help="Only these classes: imagenet-a, imagenet-r, or a file of WordNet "
                                        "ids or class indices (both heads' logits restricted before the mix).")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from .shared_settings import student_setting
 from .options import setting
 
 FORMATS = ("open_clip", "onnx", "safetensors")
@@ -31,8 +32,7 @@ class Config:
     out: Path | None = setting(None, default_text="CHECKPOINT with -open_clip, .onnx or .safetensors",
                                help="Folder (open_clip) or file to write.")
     format: str = setting("safetensors", choices=FORMATS, help="Export format.")
-    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
-                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    student: str | None = student_setting()
     classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
                                       help="Class names, one per line.")
     text_tower: str | None = setting(None, default_text="the weights the student started from",

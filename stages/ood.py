@@ -25,7 +25,10 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from .options import setting
-from .shared_settings import precision_setting
+from .shared_settings import (
+    alpha_setting, beta_setting, device_setting, eval_view_setting, precision_setting, student_setting,
+    verify_shards_setting,
+)
 
 # (Config field, title, class subset): the paper's robustness table's sets, in its order.
 SETS = (
@@ -46,13 +49,15 @@ class Config:
     imagenet_sketch: str | None = setting(None, help="ImageNet-Sketch (1000 WordNet-id folders).")
     imagenet_a: str | None = setting(None, help="ImageNet-A (200 classes; labels are ImageNet indices).")
     imagenet_r: str | None = setting(None, help="ImageNet-R (200 classes; labels are ImageNet indices).")
-    student: str | None = setting(None, help="Architecture when the checkpoint does not record it (see evaluate).")
-    alpha: float | None = setting(None, default_text="the checkpoint's", help="Weight of the CE head in the mix.")
-    beta: float | None = setting(None, default_text="the checkpoint's", help="Temperature of the KD head in the mix.")
+    student: str | None = student_setting()
+    alpha: float | None = alpha_setting()
+    beta: float | None = beta_setting()
     batch_size: int = setting(256, help="Images per batch and process.")
     workers: int = setting(4, help="Data-loading processes.")
-    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device.")
+    device: str | None = device_setting()
     precision: str | None = precision_setting()
+    eval_view: str = eval_view_setting()
+    verify_shards: str = verify_shards_setting()
 
 
 def run(config: Config) -> dict:
@@ -70,7 +75,7 @@ def run(config: Config) -> dict:
     manifests = {}
     for field, _, _, data in given:
         manifest = manifest_for_data([data], config.workers)
-        manifest.check_files()
+        manifest.check_files(config.verify_shards)
         manifests[field] = manifest
     loaded = load_student(config.checkpoint, student=config.student)
     if len(loaded.classnames) != 1000:
@@ -85,7 +90,7 @@ def run(config: Config) -> dict:
     for field, title, subset, data in given:
         report = evaluate_loaded(loaded, manifests[field], state=state, device=device, precision=precision,
                                  alpha=config.alpha, beta=config.beta, class_subset=subset,
-                                 batch_size=config.batch_size, workers=config.workers)
+                                 batch_size=config.batch_size, workers=config.workers, eval_view=config.eval_view)
         sets[field] = {"title": title, "data": data, "class_subset": subset, "classes": len(report["classnames"]),
                        **{k: v for k, v in report.items() if k not in ("classnames", "architecture", "class_subset")}}
     shifted = [sets[f] for f, *_ in given if f != "imagenet"]

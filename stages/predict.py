@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dho_pipeline.errors import UserError
 
+from .shared_settings import device_setting, student_setting
 from .options import setting
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -37,11 +38,10 @@ class Config:
     batch_size: int = setting(32, help="Images per batch.")
     on_error: str = setting("fail", choices=("fail", "skip"),
                             help="An image that cannot be decoded: stop, or record it as an error and go on.")
-    student: str | None = setting(None, help="Architecture when the checkpoint does not record it: ViT-B-16, "
-                                  "ViT-L-14, ViT-L-14-336px, RN50, or an open_clip name.")
+    student: str | None = student_setting()
     classnames: Path | None = setting(None, default_text="the checkpoint's, or ImageNet's for 1000 classes",
                                       help="Class names, one per line.")
-    device: str | None = setting(None, default_text="cuda if available, else cpu", help="Device.")
+    device: str | None = device_setting("cuda if available, else cpu")
 
     def __post_init__(self):
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:

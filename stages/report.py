@@ -25,7 +25,7 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from .options import setting
-from .shared_settings import precision_setting
+from .shared_settings import device_setting, precision_setting
 
 HEADS = ("ce", "kd", "mix")
 METRICS = ("top1", "nll", "ece")
@@ -46,7 +46,7 @@ class Config:
     allow_mixed: bool = setting(False, help="Compare runs trained against different caches or evaluated on different data.")
     batch_size: int = setting(256, help="Evaluation images per batch.")
     workers: int = setting(4, help="Data-loading processes.")
-    device: str | None = setting(None, default_text="cuda if available, else cpu", help="Device.")
+    device: str | None = device_setting("cuda if available, else cpu")
     precision: str | None = precision_setting()
 
 

@@ -36,7 +36,7 @@ from dho_pipeline.views import TRAIN_RESIZES
 from . import train_setup as setup
 from .common import MetricsWindow, append_jsonl, log, reduce_sum
 from .options import FloatList, check_choices, read_recipe, setting
-from .shared_settings import eval_view_setting, precision_setting, verify_shards_setting
+from .shared_settings import device_setting, eval_view_setting, precision_setting, verify_shards_setting
 from .trackers import CHOICES as TRACKER_CHOICES
 
 OBJECTIVES = ("dho", "single-head", "ce", "kd")
@@ -105,7 +105,7 @@ class Config:
     report_to: str = setting("tensorboard", choices=TRACKER_CHOICES,
                              help="Experiment tracker(s), through Accelerate (W&B offline, MLflow to RUN/mlruns by default).")
     max_steps: int | None = setting(None, help="Stop after this many steps (the schedule still spans all epochs).")
-    device: str | None = setting(None, default_text="this process's GPU, else cpu", help="Device, e.g. cuda, cpu.")
+    device: str | None = device_setting()
     classnames: Path | None = setting(
         None, default_text="the manifest's (classes.txt beside its shards), else with a cache the cache's, online ImageNet's",
         help="With a cache: refuse unless it was built for these class names. Online: the classes.")

@@ -148,3 +148,11 @@ def test_evaluate_ood_writes_one_table_of_the_five_sets(imagenet_student, tmp_pa
         assert all(summary["sets"][key][h] == alone[h] for h in ("ce", "kd", "mix"))
     shifted = [summary["sets"][k]["mix"]["top1"] for k in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")]
     assert summary["ood_mean"]["mix"] == pytest.approx(sum(shifted) / 4)
+    # The reference's evaluation view reaches every row as it reaches `evaluate`'s (a paper reproduction).
+    cli("evaluate-ood", "--checkpoint", imagenet_student, "--student", "dho-tiny-student", "--imagenet-v2",
+        sets["imagenet-v2"], "--out", tmp_path / "ood-ref", "--workers", "0", "--eval-view", "reference")
+    reference = json.loads((tmp_path / "ood-ref" / "ood.json").read_text())["sets"]["imagenet_v2"]
+    alone = json.loads(cli("evaluate", "--checkpoint", imagenet_student, "--student", "dho-tiny-student", "--data",
+                           sets["imagenet-v2"], "--workers", "0", "--json", "--eval-view", "reference").output)
+    assert all(reference[h] == alone[h] for h in ("ce", "kd", "mix"))
+    assert reference["mix"]["nll"] != summary["sets"]["imagenet_v2"]["mix"]["nll"]  # the view did change
