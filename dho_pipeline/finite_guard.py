@@ -9,6 +9,9 @@ keys. `check`, called where the host syncs anyway (each metrics line, before eve
 evaluation and the final save), reads the flags of the steps since the last check in one transfer. A
 non-finite step therefore never reaches a checkpoint or `student.pt`: the steps after it (NaN weights)
 are discarded with it, and the newest checkpoint on disk is the last good state.
+
+Under fp16 loss scaling (`gradients=False`) an infinite gradient is the scaler's overflow signal: the
+scaler skips that optimiser step and lowers its scale, so only the loss is checked.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ SHOWN_KEYS = 6  # keys named in the error line; all of them go to the report fil
 
 
 class FiniteGuard:
-    def __init__(self, parameters, *, num_processes: int = 1):
-        self.parameters = [p for p in parameters if p.requires_grad]
+    def __init__(self, parameters, *, num_processes: int = 1, gradients: bool = True):
+        self.parameters = [p for p in parameters if p.requires_grad] if gradients else []
         self.num_processes = num_processes
         self._flags: list[torch.Tensor] = []  # per step: bool [2] on the device (loss, gradient)
         self._steps: list[int] = []

@@ -280,7 +280,9 @@ def _train(config: Config, held: ExitStack) -> dict:
     # SIGTERM/SIGINT: every process finishes its step, one checkpoint is written, the run exits (errors.Stopped).
     signals = StopSignals()
     vote = StopVote(signals, accelerator.num_processes)
-    guard = FiniteGuard(student.parameters(), num_processes=accelerator.num_processes)
+    # With fp16 loss scaling an infinite gradient is the scaler's business (it skips the step): loss only.
+    guard = FiniteGuard(student.parameters(), num_processes=accelerator.num_processes,
+                        gradients=accelerator.scaler is None)
     bar = progress(total=last_step, initial=step, unit="step", desc="train", show=accelerator.is_main_process)
     with bar, signals:  # the bar is closed (and its line ended) on the way out, errors included
         while step < last_step and not stopping:

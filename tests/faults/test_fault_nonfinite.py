@@ -53,3 +53,23 @@ def test_a_diverging_run_stops_at_its_first_non_finite_step(trainable, tmp_path)
     for key in (labeled + unlabeled)[:6]:
         assert repr(key) in line
     assert not (run / "metrics.jsonl").exists()  # stopped before the first metrics line (step 5)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_an_infinite_gradient_stops_training_unless_a_loss_scaler_owns_it(tmp_path, scaled):
+    """Under fp16 loss scaling an infinite gradient is the scaler's overflow signal (it skips the step and
+    lowers its scale): the guard then checks the loss only. Without a scaler it stops training."""
+    from dho_pipeline.errors import UserError
+    from dho_pipeline.finite_guard import FiniteGuard
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    guard = FiniteGuard([weight], gradients=not scaled)
+    weight.grad = torch.tensor([1.0, float("inf"), 0.0])
+    guard.add({"unlabeled": {"keys": ["a", "b"]}}, torch.tensor(2.0))
+    guard.end_step(1)
+    if scaled:
+        guard.check(0, report=tmp_path / "nonfinite.json")  # no error
+        guard.add({"unlabeled": {"keys": ["c"]}}, torch.tensor(float("nan")))  # a loss that is not finite
+        guard.end_step(2)
+    with pytest.raises(UserError, match=f"step {2 if scaled else 1}: the (loss|gradient norm) .*is not finite"):
+        guard.check(0, report=tmp_path / "nonfinite.json")
