@@ -53,6 +53,13 @@ def resolve_precision(requested: str | None, device) -> str:
     return precision
 
 
+def device_and_precision(requested_device: str | None, requested_precision: str | None):
+    """This process's Accelerate state, its device and its precision, from --device and --precision."""
+    state = process_state(requested_device)
+    device = resolve_device(requested_device, state.device)
+    return state, device, resolve_precision(requested_precision, device)
+
+
 def precision_dtype(precision: str):
     """The torch dtype that a precision name stands for (weights cast for inference take it)."""
     import torch

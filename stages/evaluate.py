@@ -50,16 +50,14 @@ def load_inputs(config):
     from dho_pipeline.prompts import read_classnames
     from dho_pipeline.student_checkpoint import load_student
 
-    from .common import process_state, resolve_device, resolve_precision
+    from .common import device_and_precision
 
     manifest = manifest_for_data(list(config.data), config.workers)
     manifest.check_files(config.verify_shards)
     classnames = read_classnames(config.classnames) if config.classnames else None
     loaded = load_student(config.checkpoint, student=config.student, classnames=classnames)
     manifest.check_labels(len(loaded.classnames), required=True)
-    state = process_state(config.device)
-    device = resolve_device(config.device, state.device)
-    return loaded, manifest, state, device, resolve_precision(config.precision, device)
+    return loaded, manifest, *device_and_precision(config.device, config.precision)
 
 
 def run(config: Config) -> dict:

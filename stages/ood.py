@@ -65,7 +65,7 @@ def run(config: Config) -> dict:
     from dho_pipeline.manifest import manifest_for_data
     from dho_pipeline.student_checkpoint import load_student
 
-    from .common import process_state, resolve_device, resolve_precision
+    from .common import device_and_precision
     from .evaluate import evaluate_loaded
 
     given = [(field, title, subset, getattr(config, field)) for field, title, subset in SETS if getattr(config, field)]
@@ -83,9 +83,7 @@ def run(config: Config) -> dict:
                         "ImageNet (1000-class) student")
     for field, *_ in given:
         manifests[field].check_labels(1000, required=True)
-    state = process_state(config.device)
-    device = resolve_device(config.device, state.device)
-    precision = resolve_precision(config.precision, device)
+    state, device, precision = device_and_precision(config.device, config.precision)
     sets = {}
     for field, title, subset, data in given:
         report = evaluate_loaded(loaded, manifests[field], state=state, device=device, precision=precision,

@@ -119,7 +119,7 @@ def read_run(run: Path, checkpoint_name: str) -> dict:
         raise UserError(f"run {run} has no readable config.json and its checkpoint records no training config")
     summary = _read_json(run / "summary.json")
     return {
-        "run": str(run), "name": run.name, "checkpoint": checkpoint_path, "config": config, "checkpoint_data": checkpoint,
+        "run": str(run), "name": run.name, "checkpoint": checkpoint_path, "config": config,
         "student": checkpoint.metadata.model if checkpoint.metadata else config.get("student"),
         "objective": config.get("objective"), "label_budget": _label_budget(config, checkpoint),
         "seed": config.get("seed"), "steps": checkpoint.metadata.steps if checkpoint.metadata else None,
@@ -149,25 +149,19 @@ def _kept_evaluation(run: Path, checkpoint: Path, data_fingerprint: str | None =
 
 
 def _evaluate(entry: dict, manifest, data: Path, config: Config) -> dict:
-    """Evaluate a run's checkpoint on the manifest (one process) and keep the result in RUN/evaluations/."""
-    import numpy as np
-    import torch
-
-    from dho_pipeline.evaluation import finish_statistics, student_logits_on, sufficient_statistics
+    """Evaluate a run's checkpoint on the manifest (as `evaluate` does, with the checkpoint's alpha and
+    beta) and keep the result in RUN/evaluations/."""
     from dho_pipeline.jsonfiles import write_text_atomically
     from dho_pipeline.student_checkpoint import load_student
 
-    from .common import autocast, resolve_precision
+    from .common import device_and_precision
+    from .evaluate import evaluate_loaded
 
     loaded = load_student(entry["checkpoint"])
     manifest.check_labels(len(loaded.classnames), required=True)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = resolve_precision(config.precision, device)
-    logits = student_logits_on(loaded, manifest, np.arange(manifest.num_samples), rank=0, world=1,
-                               batch_size=config.batch_size, workers=config.workers, device=device,
-                               autocast=lambda: autocast(device, precision))
-    stats = sufficient_statistics(logits, loaded.alpha, loaded.beta, len(loaded.classnames))
-    report = finish_statistics(stats, len(loaded.classnames))
+    state, device, precision = device_and_precision(config.device, config.precision)
+    report = evaluate_loaded(loaded, manifest, state=state, device=device, precision=precision, alpha=None, beta=None,
+                             class_subset=None, batch_size=config.batch_size, workers=config.workers)
     record = {"stamp": _stamp(entry["checkpoint"]), "data": [str(data)], "data_fingerprint": manifest.fingerprint,
               "alpha": loaded.alpha, "beta": loaded.beta, "samples": report["samples"],
               **{head: {m: report[head][m] for m in ("top1", "top5", "nll", "ece")} for head in HEADS}}
