@@ -19,6 +19,7 @@ fresh one-thread process the tolerance is zero, and the same comparison against 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -111,6 +112,7 @@ def _what_the_kill_left(run, fault, detail: str, steps_this_run: list[int], resu
     written = re.search(r"(/\S+/\.(?:tmp|discard)-step-(\d{8})-\d+)", detail)
     if kind == "torch_save":  # the torn file is there, under the temporary name, and does not load
         torn = written.group(1) + "/state.pt"
+        assert os.path.isfile(torn), torn  # torn, not absent
         with pytest.raises(Exception):
             torch.load(torn, weights_only=True)
         return f"torn {torn.split('/checkpoints/')[1]}"

@@ -135,12 +135,12 @@ def test_sigkill_of_train_takes_its_workers_with_it(trainable, tmp_path):
     assert len(workers) >= 2, workers
     process.kill()
     finish(process)
-    left = wait_gone(workers, 1.0)
-    assert left == [], f"{len(left)} DataLoader worker(s) outlived train by more than 1 s"
     from dho_pipeline.run_directory import locked
 
-    with locked(run):  # and nothing holds the run directory
+    with locked(run):  # at once, before the workers are gone: no worker holds the run directory
         pass
+    left = wait_gone(workers, 1.0)
+    assert left == [], f"{len(left)} DataLoader worker(s) outlived train by more than 1 s"
 
 
 @pytest.mark.slow
@@ -253,6 +253,7 @@ def test_a_forked_child_never_holds_the_lock_of_its_parent(tmp_path):
     import multiprocessing
 
     cache = tmp_path / "c.zarr"
+    cache.mkdir()  # a cache being written: its lock file stays (one of a start that wrote nothing is removed)
     context = multiprocessing.get_context("fork")
     running = context.Event()
     with exclusive_writer(cache):
