@@ -67,9 +67,14 @@ def with_metadata(loaded: LoadedStudent, source: Path):
     checkpoint = loaded.checkpoint
     if checkpoint.metadata is not None:
         return checkpoint
-    metadata = StudentMetadata.minimal(model=loaded.architecture, preprocess=loaded.preprocess,
-                                       classnames=loaded.classnames, source=f"released checkpoint {source.name}")
     import dataclasses
+
+    from .backbones import StudentSpec
+
+    spec = StudentSpec.parse(loaded.architecture)  # `timm:NAME` -> family timm, model NAME
+    metadata = StudentMetadata.minimal(model=spec.name, family=spec.family, head=loaded.head,
+                                       preprocess=loaded.preprocess, classnames=loaded.classnames,
+                                       source=f"released checkpoint {source.name}")
 
     return dataclasses.replace(checkpoint, metadata=metadata)
 

@@ -82,12 +82,12 @@ class StudentMetadata:
 
     @classmethod
     def minimal(cls, *, model: str, preprocess: Preprocess, classnames: list[str], source: str,
-                pretrained: str = "openai") -> "StudentMetadata":
+                pretrained: str = "openai", family: str = "open_clip", head: str = "cosine") -> "StudentMetadata":
         """Metadata for a student whose file carries none (a released checkpoint), as an export records it:
-        architecture, preprocessing and classes resolved; the training facts unknown (empty)."""
+        architecture, preprocessing, classes and heads resolved; the training facts unknown (empty)."""
         return cls(model=model, pretrained=pretrained, preprocess=preprocess, classnames=list(classnames), templates=[],
                    config={"source": source}, cache_fingerprint=None, manifest_fingerprint="unknown",
-                   split_fingerprint="unknown", steps=0, finished=True, labeled_keys=[])
+                   split_fingerprint="unknown", steps=0, finished=True, labeled_keys=[], family=family, head=head)
 
     @classmethod
     def from_payload(cls, raw, path: Path) -> "StudentMetadata":

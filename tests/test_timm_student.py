@@ -111,6 +111,17 @@ def test_a_timm_student_through_every_stage(prepared, tmp_path, head):
     assert description["architecture"] == f"timm:{STUDENT}" and description["head"] == head
     assert description["preprocess"]["crop_fraction"] == 0.95
 
+    if head == "linear":  # a released-format file (no metadata) of a timm student, named by --student
+        bare = tmp_path / "released.pt"
+        torch.save({k: v for k, v in checkpoint.items() if k != "dho_pipeline"}, bare)
+        cli("export", bare, "--student", f"timm:{STUDENT}", "--classnames", prepared["classes"],
+            "--out", tmp_path / "bare.safetensors")
+        from dho_pipeline import load_student
+
+        reloaded = load_student(tmp_path / "bare.safetensors")  # alone: the export records family and head
+        assert json.loads((tmp_path / "bare.json").read_text())["head"] == "linear"
+        assert torch.allclose(reloaded.predict([image])[0], by_hand(checkpoint, image, head), atol=1e-5)
+
 
 def test_heads_of_a_timm_student_start_as_nn_linear_does(prepared, tmp_path):
     """No text tower: default nn.Linear initialisation; a cosine head's KD bias zeroed (it is scaled by 100)."""
