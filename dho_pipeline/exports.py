@@ -24,18 +24,13 @@ import torch
 
 from .errors import UserError
 from .jsonfiles import write_text_atomically
+from .student import KD_LOGITS, inference
 from .student_checkpoint import (
     DESCRIPTION_FILE, HEADS_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, LoadedStudent, StudentMetadata,
     export_description,
 )
 
 # The KD head's logits and the mix, by head kind (student.HEADS): cosine for CLIP students, linear for timm's.
-KD_LOGITS = {"cosine": "100 * kd_head(f / |f|)", "linear": "kd_head(f)"}
-
-
-def inference(head: str) -> str:
-    return f"p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax({KD_LOGITS[head]} / beta)"
-
 ONNX_OUTPUTS = ("probs", "ce_logits", "kd_logits")
 
 

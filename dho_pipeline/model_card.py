@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .student import inference
+
 HEADS = (("ce", "CE head"), ("kd", "KD head"), ("mix", "mix (alpha, beta)"))
 
 
@@ -92,7 +94,7 @@ def model_card(*, name: str, checkpoint_path: Path, checkpoint, architecture: st
         "[dho-pipeline](https://arxiv.org/abs/2505.07675) (DHO: dual-head optimisation). The image tower is "
         f"`{metadata.model if metadata else architecture}` (started from `{metadata.pretrained if metadata else '?'}`); "
         "two linear heads sit on its features:", "",
-        f"    {'p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax(100 * kd_head(f / |f|) / beta)'}", "",
+        f"    {inference(metadata.head if metadata else 'cosine')}", "",
         "## Files", "",
         "- `open_clip_config.json`, `open_clip_model.safetensors`: an open_clip CLIP whose image tower (`visual.*`) is "
         "the student's. open_clip loads only whole CLIPs, so the text tower is included: "
@@ -120,8 +122,10 @@ def model_card(*, name: str, checkpoint_path: Path, checkpoint, architecture: st
     ]
     p = metadata.preprocess if metadata else None
     if p is not None:
-        lines += [f"Preprocessing: resize the shortest side to {p.image_size[0]} and centre-crop to "
-                  f"{p.image_size[0]}x{p.image_size[1]} ({p.interpolation}), mean {list(p.mean)}, std {list(p.std)}.", ""]
+        view = f"resize the shortest side to {p.image_size[0]} and centre-crop to" if p.crop_fraction == 1 else \
+            f"take the centred square of {p.crop_fraction:g} of the shorter side and resize it to"
+        lines += [f"Preprocessing: {view} {p.image_size[0]}x{p.image_size[1]} ({p.interpolation}), mean {list(p.mean)}, "
+                  f"std {list(p.std)}.", ""]
     lines += ["## Training", ""]
     if released:
         lines += [f"Exported from {config.get('source', 'a checkpoint without training record')}: the teacher, data "

@@ -26,6 +26,12 @@ KD_SCALE = 100.0
 
 
 HEADS = ("cosine", "linear")
+# What each head kind computes from the features f (for model cards and export descriptions).
+KD_LOGITS = {"cosine": "100 * kd_head(f / |f|)", "linear": "kd_head(f)"}
+
+
+def inference(head: str) -> str:
+    return f"p = alpha * softmax(ce_head(f)) + (1 - alpha) * softmax({KD_LOGITS[head]} / beta)"
 
 
 class DualHeadStudent(nn.Module):

@@ -73,6 +73,25 @@ def ordinary_mode() -> int:
 # ---- open_clip folder ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("head, formula", [("cosine", "softmax(100 * kd_head(f / |f|) / beta)"),
+                                           ("linear", "softmax(kd_head(f) / beta)")])
+def test_the_model_card_gives_the_formula_and_view_of_the_students_own_heads(shared, head, formula):
+    import dataclasses
+
+    from dho_pipeline.model_card import model_card
+    from dho_pipeline.student_checkpoint import read_student
+
+    checkpoint = read_student(shared["checkpoint"])
+    metadata = dataclasses.replace(checkpoint.metadata, head=head,
+                                   preprocess=dataclasses.replace(checkpoint.metadata.preprocess, crop_fraction=0.875))
+    card = model_card(name="x", checkpoint_path=shared["checkpoint"], checkpoint=dataclasses.replace(
+        checkpoint, metadata=metadata), architecture=metadata.model, text_tower={"model": "m", "weights": "none"},
+        evaluation=None)
+    assert f"(1 - alpha) * {formula}" in card and card.count("kd_head(") == 1
+    size = metadata.preprocess.image_size
+    assert f"take the centred square of 0.875 of the shorter side and resize it to {size[0]}x{size[1]}" in card
+
+
 def test_open_clip_folder_loads_in_open_clip_and_everywhere_a_student_is_taken(shared, tmp_path):
     import open_clip
 
