@@ -36,7 +36,6 @@ from .hashing import weights_fingerprint
 
 FAMILIES = ("open_clip", "timm")
 TIMM_PREFIX = "timm:"
-HEADS = ("cosine", "linear")
 # The weights files a timm model repository on the Hugging Face hub holds, in timm's order of preference.
 _TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 

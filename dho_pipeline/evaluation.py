@@ -12,12 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .student import combine_heads
+from .student import PAPER_ALPHA_BETA, combine_heads
 
 ECE_BINS = 15
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]  # the reference grid: 0, 0.05, ..., 1
 BETA_GRID = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0]
-PAPER_ALPHA_BETA = (0.5, 0.5)
 
 
 @torch.no_grad()
@@ -99,11 +98,6 @@ def finish_statistics(stats: torch.Tensor, num_classes: int) -> dict:
         }
     report["per_class_total"] = [int(v) for v in per_class_total.tolist()]
     return report
-
-
-def grid_correct(logits: dict[str, torch.Tensor], alphas: list[float], betas: list[float]) -> torch.Tensor:
-    """Correct top-1 counts of the mix for every (alpha, beta): float64 [len(alphas), len(betas)]."""
-    return grid_scores(logits, alphas, betas)[0]
 
 
 def grid_scores(logits: dict[str, torch.Tensor], alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,10 @@ OBJECTIVES = ("dho", "single-head", "ce", "kd")
 
 def kd_loss(student_logits: torch.Tensor, targets: TeacherTargets, temperature: float, tail: str) -> torch.Tensor:
     """KL(teacher || student) * T^2, batch mean, against typed teacher targets on the logits' device."""
-    targets = targets.to(student_logits.device, non_blocking=True)
-    return kd_topk(student_logits, targets.topk_index, targets.topk_logit, targets.log_partition, temperature, tail)
+    device = student_logits.device  # only what the loss reads moves (boxes, flips and keys stay)
+    return kd_topk(student_logits, targets.topk_index.to(device, non_blocking=True),
+                   targets.topk_logit.to(device, non_blocking=True),
+                   targets.log_partition.to(device, non_blocking=True), temperature, tail)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Objective:
         n = len(labels)
         parts = {}
         if self.needs_labels:
-            parts["ce_labeled"] = w_ce * F.cross_entropy(ce_logits[:n].float(), labels.to(ce_logits.device))
+            parts["ce_labeled"] = w_ce * F.cross_entropy(ce_logits[:n].float(), labels.to(ce_logits.device, non_blocking=True))
         if self.needs_teacher:
             head = ce_logits if self.name == "single-head" else kd_logits
             parts["kd_labeled"] = w_kd_labeled * kd_loss(head[:n], labeled, self.temperature, self.tail)

@@ -20,10 +20,10 @@ def packaged_file(*parts: str) -> Path:
 
 
 IMAGENET_CLASSNAMES = packaged_file("imagenet_classnames.txt")
-IMAGENET_TEMPLATES = packaged_file("imagenet_templates.txt")
 IMAGENET_WNIDS = packaged_file("imagenet_wnids.txt")  # class folders in label order (for `shard --classes`)
 RECIPES = packaged_file("recipes")
 TEMPLATES = packaged_file("templates")  # <data set>.txt: the templates CoOp / DHO use for each data set
+IMAGENET_TEMPLATES = TEMPLATES / "imagenet.txt"  # the paper's 7
 SUBSETS = packaged_file("subsets")  # imagenet-a.txt, imagenet-r.txt: WordNet ids of ImageNet's class subsets
 
 

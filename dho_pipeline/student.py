@@ -58,6 +58,9 @@ class DualHeadStudent(nn.Module):
         return self.ce_head(features), self.kd_head(F.normalize(features, dim=-1)) * KD_SCALE
 
 
+PAPER_ALPHA_BETA = (0.5, 0.5)  # the paper's fixed mix, and what a checkpoint without alpha/beta means
+
+
 def combine_heads(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """The paper's inference rule: class probabilities from both heads."""
     return alpha * F.softmax(ce_logits.float(), dim=-1) + (1 - alpha) * F.softmax(kd_logits.float() / beta, dim=-1)

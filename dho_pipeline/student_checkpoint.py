@@ -31,12 +31,11 @@ from .checkpoints import load_checkpoint_file, save_atomically, strip_module_pre
 from .backbones import FAMILIES, StudentSpec, build_backbone, default_head
 from .clip_models import Preprocess
 from .errors import UserError
-from .student import HEADS, DualHeadStudent
+from .student import HEADS, PAPER_ALPHA_BETA, DualHeadStudent
 
 FORMAT = "dho-pipeline-student"
 VERSION = 1
 HEAD_KEYS = ("ce_head.weight", "ce_head.bias", "kd_head.weight", "kd_head.bias")
-PAPER_ALPHA_BETA = (0.5, 0.5)  # the paper's fixed mix, and what a file without alpha/beta means
 
 # The model card's names for OpenAI CLIP towers, as open_clip models with the right activation.
 CARD_ARCHITECTURES = {

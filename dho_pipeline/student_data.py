@@ -344,7 +344,7 @@ class StudentBatches(IterableDataset):
             for i, epoch in zip(sample_ids, epochs)
         ])
         targets = self.rows.get(sample_ids).pick(views)
-        return targets.boxes.numpy().astype(np.uint16), targets.flips.numpy(), targets
+        return targets.boxes.numpy(), targets.flips.numpy(), targets
 
     def _student_pixels(self, image, box, flip) -> np.ndarray:
         if self.rows is None and self.online_views is None:  # evaluation
@@ -479,7 +479,7 @@ class StudentLoader:
     def __len__(self) -> int:  # a progress bar's total (evaluation passes know their batch count)
         if self.loader.dataset.num_batches is None:
             raise TypeError("an endless stream of batches has no length")
-        return self.loader.dataset.num_batches - self.loader.dataset.first_batch
+        return self.loader.dataset.num_batches  # batches first_batch .. first_batch + num_batches - 1
 
     def __iter__(self):
         for batch in self.loader:

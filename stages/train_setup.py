@@ -127,7 +127,8 @@ def save_training_state(accelerator, out, config, student, optimizer, step, posi
 def student_checkpoint(config, student, spec, preprocess, classnames, templates, inputs, manifest, split, table,
                        labeled_ids, step, finished, epoch, last_eval):
     """student.pt: the released format, with what this run was (architecture, data, fingerprints)."""
-    from dho_pipeline.student_checkpoint import PAPER_ALPHA_BETA, StudentCheckpoint, StudentMetadata
+    from dho_pipeline.student import PAPER_ALPHA_BETA
+    from dho_pipeline.student_checkpoint import StudentCheckpoint, StudentMetadata
 
     metadata = StudentMetadata(
         model=spec.name, family=spec.family, head=config.head, pretrained=config.pretrained, preprocess=preprocess,
