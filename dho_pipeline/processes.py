@@ -115,14 +115,20 @@ def _same_file(handle, path: Path) -> bool:
 # ---- data workers ----------------------------------------------------------------------------------
 
 
+def die_with_parent(parent: int, signal_number: int = signal.SIGKILL) -> None:
+    """Have the kernel send `signal_number` to this process when its parent (pid `parent`) dies (Linux);
+    exit at once if it has died already, before the request took effect."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal_number, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def worker_init(_worker_id: int, *, parent: int) -> None:
     """`worker_init_fn` (bind `parent=os.getpid()` with functools.partial): see the module doc."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    die_with_parent(parent)
 
 
 def worker_init_fn():

@@ -25,9 +25,9 @@ from dho_pipeline.cache_store import CLASS_EMBEDDINGS, COMPRESSIONS, DEFAULT_COM
 from dho_pipeline.package_data import IMAGENET_TEMPLATES
 from dho_pipeline.views import RESIZE_MODES
 
-from .common import PRECISIONS, append_jsonl, log, on_main_then_share
+from .common import append_jsonl, log, on_main_then_share
 from .shared_settings import device_setting, precision_setting, verify_shards_setting
-from .options import IntOrAll, setting
+from .options import IntOrAll, check_choices, setting
 
 DEFAULT_TEACHER = "ViT-H-14-378-quickgelu"
 DEFAULT_PRETRAINED = "dfn5b"
@@ -77,14 +77,7 @@ class Config:
             raise UserError("--temperatures must be positive numbers, e.g. 1,2")
         if self.batch_size < 1 or self.workers < 0:
             raise UserError("--batch-size must be positive and --workers non-negative")
-        if self.on_error not in ("fail", "skip"):
-            raise UserError("--on-error must be 'fail' or 'skip'")
-        if self.compression not in COMPRESSIONS:
-            raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if self.class_embeddings not in CLASS_EMBEDDINGS:
-            raise UserError(f"--class-embeddings must be one of {', '.join(CLASS_EMBEDDINGS)}")
+        check_choices(self)  # recipes and the Python API bypass click's own check
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UserError("--crop-scale takes two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1")
 
@@ -174,10 +167,14 @@ def run(config: Config) -> dict:
         todo = [i for i in mine if not cache.is_complete(i) or i in damaged]
         if state.is_main_process:
             left = len(cache.incomplete_shards())
-            log.info("%d of %d shards already complete%s; %d to do across %d process(es)",
+            # Each process checks (and names) only its own complete shards: the damaged count is exact
+            # with one process, and this process's share with several.
+            whose = "" if state.num_processes == 1 else " in this process's share"
+            log.info("%d of %d shards already complete%s; %d to do across %d process(es)%s",
                      len(manifest.shards) - left, len(manifest.shards),
-                     f" ({len(damaged)} of them damaged, computed again)" if damaged else "", left + len(damaged),
-                     state.num_processes)
+                     f" ({len(damaged)} of them damaged{whose}, computed again)" if damaged else "",
+                     left + len(damaged), state.num_processes, " plus any damaged in the others' shares"
+                     if state.num_processes > 1 else "")
 
         _cache_shards(config, state, device, teacher, cache, manifest, todo, policy, preprocess)
 

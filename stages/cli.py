@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from dho_pipeline.errors import Stopped, UserError
+from dho_pipeline.hashing import FILE_CHECKS
 
 from . import cache_teacher as cache_teacher_stage
 from . import calibrate as calibrate_stage
@@ -255,7 +256,7 @@ def cache_info(path, as_json):
 @cache.command("verify")
 @click.argument("path", type=PATH)
 @click.option("--manifest", "manifest_path", required=True, type=PATH, help="The manifest the cache was built from.")
-@click.option("--verify-shards", "shards", type=click.Choice(["quick", "full", "skip"]), default="quick",
+@click.option("--verify-shards", "shards", type=click.Choice([*FILE_CHECKS, "skip"]), default="quick",
               show_default=True, help="Also check each shard file against the manifest: quick (size, 16 sampled "
               "blocks), full (sha256 of every byte), or skip.")
 def cache_verify(path, manifest_path, shards):

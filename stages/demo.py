@@ -124,7 +124,7 @@ class _Runner:
 
         words = [str(a) for a in args]
         reused = self._announce(step, words, done)
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DHO_DEMO_PARENT": str(os.getpid())}
 
         def run_one():
             started = time.perf_counter()
@@ -168,19 +168,10 @@ class _Runner:
         self.commands.sort(key=lambda c: c["started_at"])
 
 
-# A started command's process: `dho-pipeline ARGS...`, which stops when the demo's process dies.
-_CHILD = ("import sys; from dho_pipeline.stages.demo import die_with_parent; die_with_parent(); "
+# A started command's process: `dho-pipeline ARGS...`, which stops (SIGTERM) when the demo's process dies.
+_CHILD = ("import os, signal, sys; from dho_pipeline.processes import die_with_parent; "
+          "die_with_parent(int(os.environ['DHO_DEMO_PARENT']), signal.SIGTERM); "
           "from dho_pipeline.stages.cli import main; main(args=sys.argv[1:], prog_name='dho-pipeline')")
-
-
-def die_with_parent() -> None:
-    """In a started command's process: stop when the demo's process dies (Linux), not run on orphaned."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def write_digit_shards(out: Path) -> dict[str, list[Path]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from dho_pipeline.errors import UserError
 
 from .shared_settings import student_setting
-from .options import setting
+from .options import check_choices, setting
 
 FORMATS = ("open_clip", "onnx", "safetensors")
 SUFFIX = {"open_clip": "-open_clip", "onnx": ".onnx", "safetensors": ".safetensors"}
@@ -52,8 +52,7 @@ def run(config: Config) -> dict:
     from dho_pipeline.prompts import read_classnames
     from dho_pipeline.student_checkpoint import load_student
 
-    if config.format not in FORMATS:
-        raise UserError(f"--format {config.format!r} is not supported; use one of {', '.join(FORMATS)}")
+    check_choices(config)  # --format, given through Python rather than click
     classnames = read_classnames(config.classnames) if config.classnames else None
     source = Path(config.checkpoint)
     loaded = load_student(source, student=config.student, classnames=classnames)

@@ -131,9 +131,9 @@ class _Writer:
 
 def run(config: Config) -> list[dict]:
     import torch
-    from tqdm import tqdm
 
     from dho_pipeline.classifier import classifier_of
+    from dho_pipeline.progress import progress
     from dho_pipeline.prompts import read_classnames
     from dho_pipeline.student_checkpoint import load_student
 
@@ -147,8 +147,7 @@ def run(config: Config) -> list[dict]:
     writer = _Writer(Path(config.output) if config.output else None, k)
     complete = False
     try:
-        # disable=None: a bar on a terminal only, so logs and pipes stay clean
-        with tqdm(total=len(paths), unit="img", desc="predict", disable=None, dynamic_ncols=True) as bar:
+        with progress(total=len(paths), unit="img", desc="predict") as bar:  # on a terminal only, off with --quiet
             for start in range(0, len(paths), config.batch_size):
                 batch = paths[start : start + config.batch_size]
                 for result in _predict_batch(classifier, batch, k, config.on_error, device):
@@ -178,7 +177,7 @@ def _predict_batch(classifier, paths: list[Path], k: int, on_error: str, device)
     if decoded:
         pixels = torch.from_numpy(np.stack([p for _, p in decoded]))
         with torch.no_grad():
-            rows = classifier(classifier.preprocess.normalize(pixels).to(device)).cpu()
+            rows = classifier(classifier.preprocess.normalize(pixels.to(device))).cpu()  # uint8 travels
         probabilities = {path: row for (path, _), row in zip(decoded, rows)}
     results = []
     for path in paths:

@@ -178,6 +178,7 @@ def _train(config: Config, held: ExitStack) -> dict:
     from dho_pipeline.checkpoints import complete_training_states, remove_partial_training_states
     from dho_pipeline.evaluation import epoch_evaluator
     from dho_pipeline.finite_guard import FiniteGuard
+    from dho_pipeline.jsonfiles import write_text_atomically
     from dho_pipeline.pixels import Normalizer
     from dho_pipeline.processes import StopSignals, StopVote
     from dho_pipeline.progress import progress
@@ -343,6 +344,10 @@ def _train(config: Config, held: ExitStack) -> dict:
     if stopping and step < last_step:
         append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions,
                                            "stopped": signals.received or "by another process"})
+        if accelerator.is_main_process:  # the time spent so far, which a --resume adds to its own
+            write_text_atomically(out / "summary.json", json.dumps(
+                {"steps": step, "total_steps": plan.total_steps, "finished": False, "stopped": True,
+                 "wall_seconds": round(time.time() - started, 3)}, indent=2) + "\n")
         accelerator.end_training()
         raise Stopped(f"train stopped by {signals.received or 'a signal to another process'} after step {step}: "
                       f"checkpoint {out}/checkpoints/step-{step:08d} written; continue with the same command and --resume")
@@ -354,9 +359,9 @@ def _train(config: Config, held: ExitStack) -> dict:
                "eval": last_eval, **counts, "wall_seconds": round(time.time() - started, 3)}
     if accelerator.is_main_process:
         setup.student_checkpoint(config, accelerator.unwrap_model(student), student_spec, student_preprocess, classnames,
-                            templates, inputs, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
-                            ).save(out / "student.pt")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                                 templates, inputs, manifest, split, table, labeled_ids, step, finished, epoch, last_eval
+                                 ).save(out / "student.pt")
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     append_jsonl(out / "ranks.jsonl", {"rank": accelerator.process_index, "steps": step, "positions": positions})
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group

@@ -39,19 +39,18 @@ def check_inputs(config):
     if config.split_rule is not None and rule != config.split_rule:
         raise UserError(f"split {config.split} was drawn by rule {rule!r}, not {config.split_rule!r}; draw it with "
                         f"`dho-pipeline split --rule {config.split_rule}` (or drop --split-rule)")
+    split.check_manifest(manifest, where=f"split {config.split}")
     if config.teacher_online:
         classnames, source = class_list(config.classnames, manifest)
         templates = read_templates(config.templates or IMAGENET_TEMPLATES)
-        split.check_manifest(manifest, where=f"split {config.split}")
         reader = None
     else:
         # The CE-only baseline reads no teacher targets (it shows the same cached views), so any T will do.
         temperature = config.temperature if config.objective_spec().needs_teacher else None
         # The cache must hold the class names given, else those the manifest records (if any).
-        classnames, source = (read_classnames(config.classnames), str(config.classnames)) if config.classnames is not None \
-            else (manifest.classnames, "the manifest's class names (classes.txt beside its shards)")
-        reader = CacheReader.open(config.cache, manifest, temperature, classnames=classnames, classnames_source=source)
-        split.check_manifest(manifest, where=f"split {config.split}")
+        wanted, wanted_source = (read_classnames(config.classnames), str(config.classnames)) \
+            if config.classnames is not None else (manifest.classnames, "the manifest's class names (classes.txt beside its shards)")
+        reader = CacheReader.open(config.cache, manifest, temperature, classnames=wanted, classnames_source=wanted_source)
         check_cache_settings(config, reader.spec)
         classnames, templates = reader.spec.classnames, reader.spec.templates
         source = f"the class names of cache {config.cache}"

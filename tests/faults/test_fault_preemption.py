@@ -96,10 +96,13 @@ def test_sigterm_stops_train_after_its_step_and_resume_continues_bit_for_bit(tra
     assert len(workers) >= 2 and alive(workers) == [], f"workers {alive(workers)} outlived train"
     assert checkpoint_steps(run) == [4, 6] and logged_steps(run) == [1, 2, 3, 4, 5, 6]
     assert not (run / "student.pt").exists()
+    stopped = json.loads((run / "summary.json").read_text())  # the time spent before the stop is kept
+    assert stopped["stopped"] and not stopped["finished"] and stopped["steps"] == 6 and stopped["wall_seconds"] > 0
 
     code, output = run_faulted(None, *train_args(trainable, run, "--resume"))
     assert code == 0, output[-2000:]
     assert logged_steps(run) == list(range(1, 13)), "the resumed run did not start at step 7"
+    assert json.loads((run / "summary.json").read_text())["wall_seconds"] > stopped["wall_seconds"]  # added to
     code, output = run_faulted(None, *train_args(trainable, whole))
     assert code == 0, output[-2000:]
     reference, resumed = weights(whole), weights(run)
