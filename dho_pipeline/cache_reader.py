@@ -192,18 +192,13 @@ class CacheReader:
 def _check_shard_records(cache: TeacherCache, manifest: Manifest) -> None:
     """Each shard's rows were computed from the manifest's shard file (the sha256 stage one hashed
     while reading it); caches written before checksums were recorded are read, with a warning."""
-    unchecked = 0
     for index, shard in enumerate(manifest.shards):
-        attrs = cache.shard_attrs(index) or {}
-        recorded = attrs.get("source", {}).get("sha256")
-        if recorded is not None and recorded != shard.fingerprint:
-            raise CacheDamage(f"cache {cache.path}, shard {shard.name}: computed from another shard file than the "
-                              "manifest's")
-        unchecked += "checksums" not in attrs
-    if unchecked:
-        log.warning("cache %s: %d of %d shards were written before checksums were recorded; their values are "
-                    "checked as they are read, but a lost chunk of flips or logits can pass unseen: rebuild the "
-                    "cache (cache-teacher into a new --out) to add them", cache.path, unchecked, len(manifest.shards))
+        problem = cache.source_problem(index, shard.fingerprint)
+        if problem:
+            raise CacheDamage(problem)
+    note = cache.unchecked_note()
+    if note:
+        log.warning("warning: %s", note)
 
 
 def _temperature_column(cache: TeacherCache, temperature: float) -> int | None:

@@ -386,13 +386,30 @@ class TeacherCache:
         if keys is not None and list(arrays["key"]) != list(keys):
             first = next(i for i, (a, b) in enumerate(zip(arrays["key"], keys)) if a != b)
             return f"{where}: keys differ from the manifest at #{first} ({arrays['key'][first]!r} vs {keys[first]!r})"
+        return self.source_problem(index, source) if source is not None else None
+
+    def source_problem(self, index: int, sha256: str) -> str | None:
+        """If the shard's rows were computed from another shard file than the one with this sha256 (as
+        stage one recorded it, hashing the file whole as it read it): what to say, naming the shard."""
         recorded = (self.shard_attrs(index) or {}).get("source", {}).get("sha256")
-        if source is not None and recorded is not None and recorded != source:
-            return f"{where}: computed from another shard file ({recorded[:19]}...) than the manifest's"
+        if recorded is not None and recorded != sha256:
+            return (f"cache {self.path}, shard {self.spec.shards[index]['name']}: computed from another shard file "
+                    f"({recorded[:19]}...) than the manifest's")
         return None
 
     def has_checksums(self, index: int) -> bool:
         return "checksums" in (self.shard_attrs(index) or {})
+
+    def unchecked_note(self, shards: list[int] | None = None) -> str | None:
+        """How many of `shards` (default: all) were written before checksums were recorded, and what that
+        means; None when every one carries them."""
+        shards = range(len(self.spec.shards)) if shards is None else shards
+        unchecked = sum(not self.has_checksums(i) for i in shards)
+        if not unchecked:
+            return None
+        return (f"{unchecked} of {len(shards)} shards were written before checksums were recorded (cache "
+                f"{self.path}): their values are checked, but a lost chunk of flips or logits can pass unseen "
+                "(rebuild the cache, cache-teacher into a new --out, to add them)")
 
     def incomplete_shards(self) -> list[int]:
         return [i for i in range(len(self.spec.shards)) if not self.is_complete(i)]

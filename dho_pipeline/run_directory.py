@@ -18,9 +18,11 @@ from typing import Iterator
 
 from .errors import UserError
 from .hashing import fingerprint_json
+from .jsonfiles import read_json, write_text_atomically
 from .processes import exclusive_lock
 
 INPUTS = ("manifest", "split", "cache")
+_REMEDY = "it is written when a run starts: restore it, or start the run again in another --out"
 
 
 @contextmanager
@@ -46,13 +48,13 @@ def check_continuation(out: Path, *, resume: bool, has_checkpoints: bool, settin
     if has_checkpoints and not resume:
         raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     if resume and (out / "config.json").exists():
-        previous = json.loads((out / "config.json").read_text())
+        previous = read_json(out / "config.json", "run config", _REMEDY)
         # A setting added after the run started is absent from its config.json: nothing to compare.
         changed = [k for k in trajectory if k in previous and previous[k] != settings[k]]
         if changed:
             raise UserError(f"--resume: {out} was trained with different {', '.join(changed)}; resume with the same settings")
     if resume and has_checkpoints and (out / "inputs.json").exists():
-        previous = json.loads((out / "inputs.json").read_text())
+        previous = read_json(out / "inputs.json", "run inputs record", _REMEDY)
         for name in INPUTS:
             if previous.get(name) != inputs[name]:
                 raise UserError(
@@ -63,8 +65,8 @@ def check_continuation(out: Path, *, resume: bool, has_checkpoints: bool, settin
 
 def record_start(out: Path, settings: dict, inputs: dict) -> None:
     """Main process: the resolved settings and the inputs' fingerprints."""
-    (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    (out / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
+    write_text_atomically(out / "config.json", json.dumps(settings, indent=2) + "\n")
+    write_text_atomically(out / "inputs.json", json.dumps(inputs, indent=2) + "\n")
 
 
 def _short(fingerprint: str | None) -> str:

@@ -172,21 +172,29 @@ def draw_split(manifest: Manifest, *, percent: float, seed: int, holdout_per_cla
             labeled_ids = _balanced_labeled_ids(labels, classes, percent, rng)
         else:
             raise UserError(f"--rule must be one of {', '.join(RULES)}, not {rule!r}")
+    holdout_ids = _draw_holdout(labels, classes, labeled_ids, holdout_per_class, rng,
+                                "lower --percent (or shorten --from-list)")
+    return _make(manifest, method, labeled_ids, holdout_ids)
+
+
+def _draw_holdout(labels: np.ndarray, classes, labeled_ids: np.ndarray, per_class: int, rng: np.random.Generator,
+                  remedy: str) -> np.ndarray:
+    """Up to `per_class` images of each class (in `classes` order) that the labeled draw left, drawn by
+    `rng` from the class's remaining ids in manifest order; none at all when some were asked is refused."""
+    if per_class <= 0:
+        return np.zeros(0, dtype=np.int64)
     taken = np.zeros(len(labels), dtype=bool)
     taken[labeled_ids] = True
-    holdout_ids = np.zeros(0, dtype=np.int64)
-    if holdout_per_class > 0:
-        holdout_ids = np.concatenate([
-            rng.choice(ids, size=min(holdout_per_class, len(ids)), replace=False)
-            for ids in (np.flatnonzero((labels == c) & ~taken) for c in classes)
-        ])
-        if len(holdout_ids) == 0:
-            raise UserError(
-                f"--holdout {holdout_per_class} asked, but the labeled draw took all {len(labeled_ids)} of the "
-                f"{len(labels)} images, leaving none to hold out; lower --percent (or shorten --from-list) so that "
-                f"{holdout_per_class} per class remain"
-            )
-    return _make(manifest, method, labeled_ids, holdout_ids)
+    holdout_ids = np.concatenate([
+        rng.choice(ids, size=min(per_class, len(ids)), replace=False)
+        for ids in (np.flatnonzero((labels == c) & ~taken) for c in classes)
+    ])
+    if len(holdout_ids) == 0:
+        raise UserError(
+            f"--holdout {per_class} asked, but the labeled draw took all {len(labeled_ids)} of the {len(labels)} "
+            f"images, leaving none to hold out; {remedy} so that {per_class} per class remain"
+        )
+    return holdout_ids
 
 
 def split_warnings(split: Split, manifest: Manifest) -> list[str]:
@@ -236,14 +244,11 @@ def draw_few_shot(manifest: Manifest, *, shots: int, seed: int, holdout_per_clas
         raise UserError(f"class {short[0]} has {len(per_class[short[0]])} images in the manifest, fewer than "
                         f"--shots {shots}{others}; draw fewer shots")
     rng = np.random.default_rng(seed)
-    labeled = [rng.choice(ids, size=shots, replace=False) for ids in per_class]
-    holdout = [np.zeros(0, np.int64)]
-    if holdout_per_class > 0:
-        rests = [np.setdiff1d(ids, drawn) for ids, drawn in zip(per_class, labeled)]
-        holdout = [rng.choice(rest, size=min(holdout_per_class, len(rest)), replace=False) for rest in rests]
+    labeled = np.concatenate([rng.choice(ids, size=shots, replace=False) for ids in per_class])
+    holdout = _draw_holdout(labels, range(len(per_class)), labeled, holdout_per_class, rng, "draw fewer --shots")
     method = {"rule": "shots", "shots": shots, "seed": seed, "holdout_per_class": holdout_per_class, "percent": None,
               "from_list": None}
-    return _make(manifest, method, np.concatenate(labeled), np.concatenate(holdout))
+    return _make(manifest, method, labeled, holdout)
 
 
 def _balanced_labeled_ids(labels: np.ndarray, classes: np.ndarray, percent: float, rng: np.random.Generator):

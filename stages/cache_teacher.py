@@ -215,18 +215,16 @@ def _damaged_shards(cache, manifest, complete: list[int]) -> set[int]:
     """Complete shards whose rows were lost or damaged since they were written (every chunk against its
     checksum, every value checked: about 40 ms of CPU per shard of 1250 images with 8 views, under a
     minute for ImageNet): these are computed again."""
-    damaged, unchecked = set(), 0
+    damaged = set()
     for index in complete:
         shard = manifest.shards[index]
         problem = cache.shard_problem(index, shard.keys, shard.fingerprint)
         if problem:
             log.warning("%s; computing this shard again", problem)
             damaged.add(index)
-        unchecked += not cache.has_checksums(index)
-    if unchecked:
-        log.warning("%d complete shard(s) of %s were written before checksums were recorded: their values are "
-                    "checked, but a lost chunk can pass unseen (rebuild the cache to add checksums)",
-                    unchecked, cache.path)
+    note = cache.unchecked_note(complete) if complete else None
+    if note:
+        log.warning("warning: %s", note)
     return damaged
 
 

@@ -127,12 +127,8 @@ def verify(path: Path, manifest_path: Path, shards: str = "quick") -> list[str]:
 
 def unchecked_note(path: Path) -> str:
     """For `verify`'s OK line: how many shards had no checksums to check (caches from before them)."""
-    cache = TeacherCache.open(path)
-    unchecked = sum(not cache.has_checksums(i) for i in range(len(cache.spec.shards)))
-    if not unchecked:
-        return ""
-    return (f" ({unchecked} of {len(cache.spec.shards)} shards were written before checksums were recorded: "
-            "their values were checked, a lost chunk of flips or logits would pass unseen; rebuild to add checksums)")
+    note = TeacherCache.open(path).unchecked_note()
+    return f" ({note})" if note else ""
 
 
 def dump(path: Path, shard: str | None = None, limit: int | None = None) -> Iterator[dict]:
