@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -30,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from dho_pipeline.jsonfiles import write_text_atomically  # noqa: E402  (the repository first on the path)
 
 PROVENANCE_KEYS = ("command", "commit", "machine", "load_average", "date")
 
@@ -133,12 +136,22 @@ def save(name: str, figures: dict, out: Path | None = None, quiet: bool = False)
     if clash:
         raise ValueError(f"figure names {sorted(clash)} are reserved for provenance")
     path = folder / f"{name}.json"
-    partial = folder / f".{name}.json.partial"
-    partial.write_text(json.dumps({**provenance(), **figures}, indent=2, default=_plain) + "\n")
-    partial.replace(path)
+    write_text_atomically(path, json.dumps(_finite({**provenance(), **figures}), indent=2, default=_plain,
+                                           allow_nan=False) + "\n")
     if not quiet:
         print(f"wrote {path}")
     return path
+
+
+def _finite(value):
+    """NaN and infinities as null (JSON has no such numbers), in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _plain(value):
@@ -151,9 +164,27 @@ def _plain(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def load_is_quiet(limit: float = 0.5) -> bool:
-    """True when the last minute's load leaves both cores free enough for a timing run."""
-    return os.getloadavg()[0] < limit
+def run_demo(out: Path, *options: str) -> dict:
+    """`dho-pipeline demo --out OUT OPTIONS --json` in a child process: its results, plus under "measured"
+    the wall and CPU seconds (all its processes) it took and the load around it (the cores are shared)."""
+    load = os.getloadavg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "dho-pipeline"), "demo", "--out", str(out), *options,
+                             "--json"], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        sys.exit(f"demo {' '.join(options)} failed:\n{result.stderr[-2000:]}")
+    results = json.loads(result.stdout)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    results["measured"] = {
+        "wall_seconds": round(wall, 1), "cpu_seconds": round(user + system, 1),
+        "user_seconds": round(user, 1), "system_seconds": round(system, 1),
+        "load_average_at_start": [round(x, 2) for x in load],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    return results
 
 
 # ---- synthetic teacher logits ---------------------------------------------------------------------

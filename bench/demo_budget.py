@@ -11,16 +11,12 @@ the demo and every process it started) do not depend on the load. Writes demo_bu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import save
+from common import run_demo, save
 
 
 def main() -> None:
@@ -34,29 +30,19 @@ def main() -> None:
     while os.getloadavg()[0] >= args.max_load and time.perf_counter() - waited < args.wait:
         time.sleep(10)
     shutil.rmtree(args.out, ignore_errors=True)
-    load = os.getloadavg()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = subprocess.run([str(Path(sys.executable).parent / "dho-pipeline"), "demo", "--out", str(args.out), "--json"],
-                            capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        sys.exit(f"the demo failed:\n{result.stderr[-2000:]}")
-    demo = json.loads(result.stdout)
+    demo = run_demo(args.out)
+    measured = demo["measured"]
     figures = {
-        "wall_seconds": round(wall, 1),
-        "cpu_seconds": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 1),
-        "user_seconds": round(after.ru_utime - before.ru_utime, 1),
-        "system_seconds": round(after.ru_stime - before.ru_stime, 1),
-        "load_before": [round(x, 2) for x in load],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
+        **{k: measured[k] for k in ("wall_seconds", "cpu_seconds", "user_seconds", "system_seconds")},
+        "load_before": measured["load_average_at_start"],
+        "load_after": measured["load_average_at_end"],
         "waited_for_load_seconds": round(started - waited, 1),
         "budget_seconds": 180,
         "demo": {"config": demo["config"], "accuracy": demo["accuracy"], "seconds": demo["seconds"],
                  "commands": demo["commands"]},
     }
-    print(f"demo: {wall:.0f} s wall, {figures['cpu_seconds']:.0f} s CPU, load {load[0]:.2f} before and "
+    print(f"demo: {figures['wall_seconds']:.0f} s wall, {figures['cpu_seconds']:.0f} s CPU, load {figures['load_before'][0]:.2f} before and "
           f"{figures['load_after'][0]:.2f} after")
     save("demo_budget", figures, out=args.results or args.out)
 

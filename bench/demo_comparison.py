@@ -16,16 +16,11 @@ Prints measured figures; asserts nothing. About 2 minutes per run on 2 idle CPU 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import save
+from common import run_demo, save
 
 SLUGS = {  # report row -> JSON key
     "teacher zero-shot": "teacher_zero_shot",
@@ -53,27 +48,6 @@ def percent_key(percent: float) -> str:
     return "p" + f"{percent:g}".replace(".", "_")
 
 
-def run_demo(cli: Path, out: Path, seed: int, percent: float, extra: list[str]) -> dict:
-    """One demo run; its results plus the wall and CPU seconds it took (the load is shared: see the CPU)."""
-    load = os.getloadavg()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    result = subprocess.run([str(cli), "demo", "--out", str(out), "--seed", str(seed), "--percent", str(percent), "--json",
-                             *extra], capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        sys.exit(f"demo seed {seed}, {percent}% failed:\n{result.stderr[-2000:]}")
-    results = json.loads(result.stdout)
-    results["measured"] = {
-        "wall_seconds": round(wall, 1),
-        "cpu_seconds": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1),
-        "load_average_at_start": [round(x, 2) for x in load],
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -82,12 +56,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="folder for the JSON (default: --out)")
     parser.add_argument("--epochs", type=int, help="epochs per training run (default: the demo's)")
     args = parser.parse_args()
-    cli = Path(sys.executable).parent / "dho-pipeline"
     extra = ["--epochs", str(args.epochs)] if args.epochs else []
     runs = {}
     for seed in args.seeds:
         for percent in args.percents:
-            runs[(seed, percent)] = run_demo(cli, args.out / f"seed{seed}", seed, percent, extra)
+            runs[(seed, percent)] = run_demo(args.out / f"seed{seed}", "--seed", str(seed), "--percent", str(percent), *extra)
             measured = runs[(seed, percent)]["measured"]
             print(f"seed {seed}, {percent:g}% labels: {measured['wall_seconds']:.0f} s wall, {measured['cpu_seconds']:.0f} s "
                   f"CPU (load {measured['load_average_at_start'][0]:.1f})", file=sys.stderr)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import jpeg_shard
+from common import jpeg_shard, write_class_lists
 from gpu_run import CapExceeded, error_text, free_memory
 
 # ---- generated data (written in the background while section 1 runs) --------------------------------
@@ -59,9 +59,7 @@ def ensure_inputs(run) -> list[str]:
     if "manifest" not in run.shared:
         started = time.perf_counter()
         manifest.run(manifest.Config(shards=tuple(paths), out=run.work / "manifest.json", workers=8))
-        classes, templates = run.work / "classes.txt", run.work / "templates.txt"
-        classes.write_text("".join(f"class{i}\n" for i in range(1000)))
-        templates.write_text("a photo of a {}.\n")
+        classes, templates = write_class_lists(run.work)
         run.shared.update(manifest=run.work / "manifest.json", classes=classes, templates=templates,
                           manifest_seconds=time.perf_counter() - started)
     return paths

@@ -83,7 +83,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(call, device, target_seconds: float, warmup: int = 2, min_iters: int = 3, max_iters: int = 60):
-    """Seconds per call (after warm-up), with as many calls as fit in about target_seconds."""
+    """Seconds per call (after warm-up), with as many calls as fit in about target_seconds. The GPU's
+    peak-memory counter restarts here, so a variant's peak_memory_gb is its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         call()
     synchronize(device)
@@ -232,7 +235,7 @@ def measure_runner(run, variants, teacher, teacher_bf16, batch):
             runner(x)
             synchronize(variants.device)
         compile_seconds = time.perf_counter() - started
-        with torch.inference_mode():
+        with torch.no_grad():  # as the stage calls it: inference mode would compile a second graph
             run.fig["runner_max_abs_logit_diff_vs_fp32"] = (runner(x)[:8] - teacher(x[:8]).float()).abs().max().item()
         seconds, iters = timed(lambda: runner(x), variants.device, run.cfg["measure_seconds"])
         variants.record("runner_bf16_compiled", batch, seconds, iters=iters, compile_seconds=compile_seconds)
@@ -256,7 +259,7 @@ def measure_stage_path(run, variants, model, preprocess, batch) -> None:
         indices, values, log_partition = summarize_logits(model(normalize(pixels)), 100, [1.0, 2.0])
         return indices.cpu(), values.cpu(), log_partition.cpu()
 
-    with torch.inference_mode():
+    with torch.no_grad():  # as the stage runs it (the model may be the compiled runner)
         seconds, iters = timed(step, variants.device, run.cfg["measure_seconds"])
     variants.record("stage_path", batch, seconds, iters=iters)
 
