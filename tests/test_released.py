@@ -255,6 +255,7 @@ def test_calibrate_on_held_out_images(run, tmp_path):
     assert (tmp_path / "calibrated.pt.calibration.png").stat().st_size > 1000
     # The grid and the chosen point checked against the card's model and the mix written out here.
     alphas, betas = report["coarse_grid"]["alphas"], report["coarse_grid"]["betas"]
+    assert alphas == pytest.approx([0.05 * i for i in range(21)]) and betas == [0.5, 0.75, 1, 1.25, 1.5, 2, 4]
     expected = np.array([[mix_accuracy(ce, kd, labels, a, b) for b in betas] for a in alphas])
     assert np.array(report["coarse_grid"]["accuracy"]) == pytest.approx(expected)
     assert expected.max() == pytest.approx(0.7) and mix_accuracy(ce, kd, labels, 0.5, 0.5) == pytest.approx(0.3)
