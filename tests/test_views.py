@@ -67,11 +67,14 @@ def test_views_are_deterministic_per_seed_shard_key_and_view():
     assert np.array_equal(fewer[0], a[0][:3]) and np.array_equal(fewer[1], a[1][:3])
 
 
+DRAWS = 20_000
+
+
 def test_random_views_follow_random_resized_crop():
     policy = ViewPolicy(num_views=2, seed=0, view0=VIEW0_WHOLE, crop_scale=(0.5, 1.0))
     width, height = 640, 480
     areas, ratios, flips, ours = [], [], [], []
-    for i in range(2000):
+    for i in range(DRAWS):
         boxes, flip = draw_views(policy, "s", f"k{i}", width, height)
         x0, y0, x1, y1 = box_fractions(boxes[1])
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
@@ -91,7 +94,7 @@ def test_random_views_follow_random_resized_crop():
     torch.manual_seed(0)
     image = Image.new("RGB", (width, height))
     reference = []
-    for _ in range(2000):
+    for _ in range(DRAWS):
         top, left, h, w = RandomResizedCrop.get_params(image, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
         reference.append([left / width, top / height, (left + w) / width, (top + h) / height])
 
@@ -100,7 +103,9 @@ def test_random_views_follow_random_resized_crop():
         return np.quantile([w * h, np.log(w * width / (h * height)), boxes[:, 0] + w / 2, boxes[:, 1] + h / 2],
                            [0.1, 0.5, 0.9], axis=1)
 
-    assert np.abs(summary(np.array(ours)) - summary(np.array(reference))).max() < 0.03
+    # With 20,000 draws a side, two torchvision seeds differ by at most 0.004 here; drawing the aspect
+    # ratio uniformly instead of log-uniformly (a common slip) moves these quantiles by 0.03.
+    assert np.abs(summary(np.array(ours)) - summary(np.array(reference))).max() < 0.012
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 200), (200, 3)])
