@@ -93,7 +93,7 @@ def test_sigterm_stops_train_after_its_step_and_resume_continues_bit_for_bit(tra
     assert re.fullmatch(rf"train stopped by SIGTERM after step 6: checkpoint {run}/checkpoints/step-00000006 written; "
                         r"continue with the same command and --resume", last), last
     assert "Traceback" not in output
-    assert len(workers) >= 2 and alive(workers) == [], f"workers {alive(workers)} outlived train"
+    assert len(workers) >= 2 and wait_gone(workers, 1.0) == [], f"workers {alive(workers)} outlived train"
     assert checkpoint_steps(run) == [4, 6] and logged_steps(run) == [1, 2, 3, 4, 5, 6]
     assert not (run / "student.pt").exists()
     stopped = json.loads((run / "summary.json").read_text())  # the time spent before the stop is kept
@@ -120,7 +120,7 @@ def test_sigint_stops_train_after_its_step(trainable, tmp_path):
     code, output, seconds, workers = _stop(process, gate, signal.SIGINT)
     assert code == EXIT_STOPPED, f"exit {code}:\n{output[-2000:]}"
     assert "train stopped by SIGINT after step 3" in output.rstrip().splitlines()[-1], output[-1000:]
-    assert checkpoint_steps(run) == [3] and alive(workers) == []
+    assert checkpoint_steps(run) == [3] and wait_gone(workers, 1.0) == []
     code, output = run_faulted(None, *train_args(trainable, run, "--resume", "--max-steps", "5"))
     assert code == 0, output[-2000:]
     assert logged_steps(run) == [1, 2, 3, 4, 5]
@@ -168,9 +168,15 @@ def test_sigterm_to_torchrun_stops_both_processes_after_the_same_step(trainable,
         launcher.send_signal(signal.SIGTERM)
         while output.seek(0) == 0 and output.read().count("closing signal SIGTERM") < 2 and time.time() < deadline:
             time.sleep(0.02)  # torchrun logs each process's signal just before it sends it
-        time.sleep(0.2)
+        output.seek(0)
+        assert output.read().count("closing signal SIGTERM") == 2, "torchrun did not pass SIGTERM to both processes"
+        time.sleep(1.0)  # the processes are parked: time for both signals to land costs nothing
         gate.touch()
-        launcher.wait(timeout=120)
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            signal_tree(launcher.pid, signal.SIGKILL)  # the launcher and its ranks: none left running
+            raise
         output.seek(0)
         text = output.read()
     assert f"train stopped by SIGTERM after step 4: checkpoint {run}/checkpoints/step-00000004 written" in text, text[-3000:]
@@ -218,7 +224,7 @@ def test_sigterm_stops_cache_teacher_cleanly_then_the_rerun_finishes_it(shards, 
     assert code == EXIT_STOPPED, f"exit {code}:\n{output[-2000:]}"
     assert re.fullmatch(r"cache-teacher stopped by SIGTERM: \d shard\(s\) written whole in this run, \d left to do; "
                         r"rerun the same command to resume", last), last
-    assert len(workers) >= 2 and alive(workers) == [], f"workers {alive(workers)} outlived cache-teacher"
+    assert len(workers) >= 2 and wait_gone(workers, 1.0) == [], f"workers {alive(workers)} outlived cache-teacher"
     incomplete = TeacherCache.open(out).incomplete_shards()
     assert 0 < len(incomplete) < SHARDS, incomplete
     assert [p for p in cache_tools.verify(out, shards["manifest"]) if "not complete" not in p] == []
