@@ -77,13 +77,10 @@ def _save(payload: dict, path: Path) -> None:
 
 
 def save_atomically(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from .jsonfiles import atomic_path
+
+    with atomic_path(path) as temporary:
         _save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_training_state(run_dir: Path, step: int, payload: dict, keep: int = 2) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .jsonfiles import write_text_atomically
+from .jsonfiles import atomic_path, write_text_atomically
 from .student import KD_LOGITS, inference
 from .student_checkpoint import (
     DESCRIPTION_FILE, HEADS_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, LoadedStudent, StudentMetadata,
@@ -44,16 +44,12 @@ def _umask_mode() -> int:
 def _save_safetensors(state: dict, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(temporary), metadata=metadata)
-        os.chmod(temporary, _umask_mode())
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(temporary), metadata=metadata)
+            os.chmod(temporary, _umask_mode())  # safetensors creates files 0600
     except OSError as error:
         raise UserError(f"writing {path} failed ({error}); is the disk full?") from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def with_metadata(loaded: LoadedStudent, source: Path):
@@ -179,9 +175,7 @@ def write_onnx(loaded: LoadedStudent, out: Path, *, opset: int | None = None) ->
     model = _AllOutputs(classifier_of(loaded)).eval()
     height, width = loaded.preprocess.image_size
     example = torch.zeros(2, 3, height, width)  # a batch of 2, so the exporter does not specialise on 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as temporary:
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 model, (example,), dynamo=True, external_data=False, opset_version=opset, input_names=["image"],
@@ -191,7 +185,8 @@ def write_onnx(loaded: LoadedStudent, out: Path, *, opset: int | None = None) ->
         metadata = {"dho_pipeline": json.dumps({
             "format": "dho-pipeline-student-onnx", "architecture": loaded.architecture, "alpha": loaded.alpha,
             "beta": loaded.beta, "classnames": loaded.classnames, "preprocess": loaded.preprocess.to_json(),
-            "inputs": "image: float32 [batch, 3, H, W], resized (shortest side), centre-cropped, (x/255 - mean)/std",
+            "inputs": "image: float32 [batch, 3, H, W], the view `preprocess` describes (centred square of crop_fraction "
+                      "of the shorter side, resized), then (x/255 - mean)/std",
             "outputs": {"probs": inference(loaded.head), "ce_logits": "ce_head(f)", "kd_logits": KD_LOGITS[loaded.head]},
         })}
         for key, value in metadata.items():
@@ -199,9 +194,6 @@ def write_onnx(loaded: LoadedStudent, out: Path, *, opset: int | None = None) ->
             entry.key, entry.value = key, value
         onnx.save_model(proto, str(temporary))
         os.chmod(temporary, _umask_mode())
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     return {"onnx": str(out), "opset": program.model_proto.opset_import[0].version}
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
 
@@ -24,13 +25,21 @@ def read_json(path: str | Path, what: str, remedy: str) -> Any:
         raise UserError(f"{what} {path} is not a readable JSON file ({detail}); {remedy}") from None
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write under a temporary name and rename: readers see the old file or the new one, never half."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` for the block to write; renamed onto `path` when the block ends
+    without an error (readers see the old file or the new one, never half), removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write under a temporary name and rename (atomic_path)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
