@@ -173,6 +173,8 @@ def _load_timm_weights(model, name: str, path: str) -> None:
     """
     from timm.models import load_state_dict
 
+    from .checkpoints import load_exactly
+
     try:
         state = load_state_dict(path)
     except pickle.UnpicklingError:  # weights_only refused it: the file holds code
@@ -184,15 +186,7 @@ def _load_timm_weights(model, name: str, path: str) -> None:
     classifier = model.pretrained_cfg.get("classifier") or ()
     prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
     state = {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
-    try:
-        problems = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # same names, other shapes
-        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))[:300]
-        raise UserError(f"weights file {path} does not fit timm:{name} ({first})") from None
-    if problems.missing_keys or problems.unexpected_keys:
-        sample = (problems.missing_keys or problems.unexpected_keys)[0]
-        raise UserError(f"weights file {path} does not fit timm:{name} ({len(problems.missing_keys)} missing, "
-                        f"{len(problems.unexpected_keys)} unexpected weights, e.g. {sample})")
+    load_exactly(model, state, f"weights file {path} does not fit timm:{name}")
 
 
 def _timm_backbone(spec: StudentSpec, pretrained: str, seed: int) -> Backbone:

@@ -127,3 +127,18 @@ def remove_partial_training_states(run_dir: Path) -> None:
     if root.is_dir():
         for leftover in [*root.glob(".tmp-step-*"), *root.glob(".discard-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def load_exactly(module: torch.nn.Module, state: dict, refusal: str, remedy: str = "") -> None:
+    """Load `state` into `module`, every weight fitting: names missing on either side, or shapes that
+    differ, are a UserError "<refusal> (what did not fit)<remedy>" rather than a partly loaded model."""
+    try:
+        problems = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same names, other shapes
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else "")
+        raise UserError(f"{refusal} ({detail[:300]}){remedy}") from None
+    if problems.missing_keys or problems.unexpected_keys:
+        sample = (problems.missing_keys or problems.unexpected_keys)[0]
+        raise UserError(f"{refusal} ({len(problems.missing_keys)} missing, {len(problems.unexpected_keys)} "
+                        f"unexpected weights, e.g. {sample}){remedy}")

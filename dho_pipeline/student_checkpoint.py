@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_checkpoint_file, save_atomically, strip_module_prefix
+from .checkpoints import load_checkpoint_file, load_exactly, save_atomically, strip_module_prefix
 from .backbones import FAMILIES, StudentSpec, build_backbone, default_head
 from .clip_models import Preprocess
 from .errors import UserError
@@ -252,17 +252,7 @@ def student_from_checkpoint(checkpoint: StudentCheckpoint, path: Path, *, studen
     num_classes, feature_dim = state["ce_head.weight"].shape
     names = _classnames_for(path, num_classes, metadata, classnames)
     model = DualHeadStudent(backbone.module, feature_dim, num_classes, head=head)
-    try:
-        problems = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # same names, other shapes
-        first = str(error).strip().splitlines()[-1].strip()
-        raise UserError(f"checkpoint {path} does not fit {spec} ({first}); pass the right --student") from None
-    if problems.missing_keys or problems.unexpected_keys:
-        sample = (problems.missing_keys or problems.unexpected_keys)[0]
-        raise UserError(
-            f"checkpoint {path} does not fit {spec} ({len(problems.missing_keys)} missing, "
-            f"{len(problems.unexpected_keys)} unexpected weights, e.g. {sample}); pass the right --student"
-        )
+    load_exactly(model, state, f"checkpoint {path} does not fit {spec}", "; pass the right --student")
     model.eval()
     return LoadedStudent(
         model=model, architecture=str(spec), classnames=names,
