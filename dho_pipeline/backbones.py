@@ -150,8 +150,7 @@ def resolve_timm_weights(name: str, pretrained: str) -> tuple[str, str | None]:
 
         return tagged, hub.download_from_url(cfg.url, lambda: download_cached_file(cfg.url), what=what)
     candidates = ([cfg.hf_hub_filename] if cfg.hf_hub_filename else []) + list(_TIMM_HUB_FILES)
-    return tagged, hub.cached_hub_file(cfg.hf_hub_id, candidates) or hub.download_from_hub(
-        cfg.hf_hub_id, candidates, what=what, library_name="timm")
+    return tagged, hub.download_from_hub(cfg.hf_hub_id, candidates, what=what, library_name="timm")
 
 
 def _timm_preprocess(model) -> Preprocess:

@@ -170,8 +170,7 @@ def resolve_weights(name: str, pretrained: str) -> str | None:
     if files is None:
         return hub.download_from_url(cfg["url"], lambda: open_clip.download_pretrained(cfg), what=what)
     repo, candidates = files
-    return hub.cached_hub_file(repo, candidates) or hub.download_from_hub(repo, candidates, what=what,
-                                                                         library_name="open_clip")
+    return hub.download_from_hub(repo, candidates, what=what, library_name="open_clip")
 
 
 @contextmanager

@@ -46,10 +46,14 @@ def short(error: BaseException) -> str:
 
 
 def download_from_hub(repo: str, candidates: list[str], *, what: str, library_name: str) -> str:
-    """The first of `candidates` that the repository holds, downloaded into the Hugging Face cache."""
+    """The first of `candidates` already in the Hugging Face cache (no network), else the first that the
+    repository holds, downloaded into that cache."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
 
+    cached = cached_hub_file(repo, candidates)
+    if cached:
+        return cached
     how = how_to_get(repo, candidates[0])
     if constants.is_offline_mode():
         raise UserError(f"{what} are not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}")
