@@ -190,7 +190,10 @@ class LoadedStudent:
     alpha: float
     beta: float
     checkpoint: StudentCheckpoint
-    head: str = "cosine"  # student.HEADS
+
+    @property
+    def head(self) -> str:  # student.HEADS
+        return self.model.head
 
 
 def detect_architecture(state: dict) -> str | None:
@@ -257,7 +260,7 @@ def student_from_checkpoint(checkpoint: StudentCheckpoint, path: Path, *, studen
     return LoadedStudent(
         model=model, architecture=str(spec), classnames=names,
         preprocess=metadata.preprocess if metadata else backbone.preprocess,
-        alpha=checkpoint.alpha, beta=checkpoint.beta, checkpoint=checkpoint, head=head,
+        alpha=checkpoint.alpha, beta=checkpoint.beta, checkpoint=checkpoint,
     )
 
 
