@@ -24,6 +24,19 @@ TEMPLATES = ["a photo of a {}.", "art of the {}."]
 TINY_TEACHER = ["--teacher", "dho-test-vit", "--pretrained", "none"]
 
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / STD, written out
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def openai_normalized(pixels):
+    """uint8 [N, H, W, 3] pixels (numpy or torch) -> float [N, 3, H, W], (x / 255 - mean) / std with the
+    OpenAI constants, written out here as the model card does (not the library's Normalizer)."""
+    import torch
+
+    x = torch.as_tensor(np.array(pixels)).permute(0, 3, 1, 2).float() / 255  # a copy: inputs may be read-only
+    return (x - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+
+
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)

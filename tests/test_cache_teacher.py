@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from helpers import (
-    BIN, CLASSNAMES, TEMPLATES, cache_args, cli, dump, image_bytes, random_image, run_command, write_lists, write_shards,
+    BIN, CLASSNAMES, TEMPLATES, cache_args, cli, dump, image_bytes, openai_normalized, random_image, run_command,
+    write_lists, write_shards,
 )
 from PIL import Image
 
@@ -23,8 +24,6 @@ from dho_pipeline.views import decode_rgb, render_view
 
 # ---- the teacher computed in the test from open_clip alone (no dho_pipeline teacher code) ----------
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / STD, dho-test-vit's
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def open_clip_test_vit(dtype=torch.float32):
@@ -49,8 +48,7 @@ def text_embeddings(model, tokenizer, classnames, templates) -> torch.Tensor:
 
 def image_embeddings(model, pixels: np.ndarray) -> torch.Tensor:
     """encode_image of uint8 [N, H, W, 3] pixels, normalised with the OpenAI mean/std."""
-    x = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    x = openai_normalized(pixels)  # dho-test-vit's mean/std
     dtype = next(model.visual.parameters()).dtype
     with torch.no_grad():
         return model.encode_image(x.to(dtype)).float()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from helpers import BIN, cached_dataset, cli, image_bytes, random_image, run_command, write_lists
+from helpers import BIN, cached_dataset, cli, image_bytes, openai_normalized, random_image, run_command, write_lists
 from PIL import Image
 from torch import nn
 
@@ -72,9 +72,7 @@ def released(tmp_path_factory):
 
 def card_probabilities(model, pixels: np.ndarray, alpha: float, beta: float) -> torch.Tensor:
     """The model card's inference code on already-preprocessed uint8 pixels."""
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    x = openai_normalized(pixels)
     with torch.no_grad():
         ce_logits, kd_logits = model(x)
     return alpha * F.softmax(ce_logits, dim=1) + (1 - alpha) * F.softmax(kd_logits / beta, dim=1)
@@ -194,9 +192,7 @@ def holdout_pixels(run) -> tuple[torch.Tensor, torch.Tensor]:
         for position in split.holdout.get(shard.name, []):
             pixels.append(student_view(Image.open(io.BytesIO(samples[position]["jpg"])).convert("RGB"), 32))
             labels.append(shard.labels[position])
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    return (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255 - mean) / std, torch.tensor(labels)
+    return openai_normalized(np.stack(pixels)), torch.tensor(labels)
 
 
 def fit_head(head: nn.Linear, features: torch.Tensor, logits: torch.Tensor) -> None:

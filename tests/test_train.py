@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    BIN, CLASSNAMES, TEMPLATES, TINY_TEACHER, cache_args, cli, random_image, run_command, write_lists,
-    training_data, write_shards,
+    BIN, CLASSNAMES, TEMPLATES, TINY_TEACHER, cache_args, cli, openai_normalized, random_image, run_command,
+    training_data, write_lists, write_shards,
 )
 from PIL import Image
 from torch import nn
@@ -150,11 +150,9 @@ def test_checkpoint_loads_with_the_model_card_code(prepared, tmp_path):
     for path in paths:
         random_image(rng, 32, 32).save(path)
     predictions = json.loads(cli("predict", "--checkpoint", out / "student.pt", *paths, "--json", "--topk", "5").stdout)
-    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
-        ce, kd = model((pixels.float() / 255 - mean) / std)
+        ce, kd = model(openai_normalized(pixels))
     alpha, beta = checkpoint["alpha"], checkpoint["beta"]
     card = alpha * F.softmax(ce, 1) + (1 - alpha) * F.softmax(kd / beta, 1)
     for row, expected in zip(predictions, card, strict=True):
@@ -229,7 +227,7 @@ def test_gradient_accumulation_matches_one_big_step(prepared, tmp_path):
 
 
 def test_full_logit_cache_serves_any_temperature_and_missing_samples_are_skipped(tmp_path):
-    from test_cache_teacher import _corrupt_sample  # noqa: the same corruption helper
+    from test_cache_teacher import _corrupt_sample  # the same corruption helper
 
     shards = write_shards(tmp_path / "d", num_shards=2, per_shard=12)
     _corrupt_sample(shards[1], "s1_img0005")

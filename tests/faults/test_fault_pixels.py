@@ -10,19 +10,18 @@ import json
 import re
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    CLASSNAMES, cache_args, dump_records, invoke, label, one_torch_thread, write_lists, write_tar,
+    CLASSNAMES, REPO, cache_args, dump_records, invoke, label, one_torch_thread, write_lists, write_tar,
 )
+from helpers import image_bytes
 from PIL import Image
 
 from dho_pipeline.views import decode_rgb
 
-REPO = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT = 40, 28
 
 
@@ -43,12 +42,7 @@ def png16(samples: np.ndarray) -> bytes:
 def png8(samples: np.ndarray) -> bytes:
     """The same picture as an 8-bit PNG: each sample's high byte."""
     mode = {2: "L", 3: {2: "LA", 3: "RGB"}.get(samples.shape[-1])}[samples.ndim]
-    image = Image.fromarray((samples >> 8).astype(np.uint8), mode)
-    from io import BytesIO
-
-    buffer = BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image_bytes(Image.fromarray((samples >> 8).astype(np.uint8), mode), "PNG")
 
 
 def pictures(seed: int = 0) -> dict[str, np.ndarray]:

@@ -18,10 +18,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +27,7 @@ from fault_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixtu
     REPO, RUNNER, cache_args, dump_records, finish, fired_lines, invoke, labeled_dataset, one_thread, one_torch_thread,
     rows_lost, run_faulted, trainable_dataset, verify_ok,
 )
+from helpers import BIN
 from process_helpers import alive, descendants, signal_tree, start_held, wait_gone
 
 from dho_pipeline.cache_store import TeacherCache, exclusive_writer
@@ -38,7 +37,6 @@ LOSSES = "dho_pipeline.stages.train:_losses"  # one call per step here, in the m
 TEACHER_CALL = "dho_pipeline.teacher:TeacherRunner.__call__"  # one call per image here
 EPOCHS = 3  # 19 unlabeled // batch 4 = 4 steps per epoch: 12 steps; checkpoints at epoch ends (4, 8, 12)
 EXIT_STOPPED = 75
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ def logged_steps(run) -> list[int]:
 def test_a_second_train_on_a_live_run_directory_is_refused(trainable, tmp_path):
     """The first run is parked at its third step (lock held, no checkpoint yet); a second run, a
     second run with another seed and a `--resume` are each refused naming the first's pid and host;
-    the first then finishes with every step logged once and its own settings. Today (no lock) the
-    second run trains in the same directory and exits 0."""
+    the first then finishes with every step logged once and its own settings. (Before the run lock,
+    the second run trained in the same directory and exited 0.)"""
     run, fired, gate = tmp_path / "run", tmp_path / "fired.jsonl", tmp_path / "go"
     first = start_held(fired, gate, LOSSES, *train_args(trainable, run), nth=3)
     try:
@@ -63,7 +63,8 @@ def test_a_second_train_on_a_live_run_directory_is_refused(trainable, tmp_path):
 def test_resume_refuses_another_split_or_cache_and_accepts_moved_inputs(trainable, tmp_path):
     """Stopped after 2 steps, then resumed: with another split (another seed) and with another cache
     (another view seed) it is refused naming what differs; with the same split and cache copied
-    elsewhere it continues. Today both others are accepted (the run silently changes data)."""
+    elsewhere it continues. (Before the inputs record, both others were accepted: the run silently
+    changed data.)"""
     root = tmp_path
     run = root / "run"
     result = invoke(*train_args(trainable, run, "--max-steps", "2", "--checkpoint-every", "2"))
